@@ -1,0 +1,322 @@
+// Package bucket holds the token-bucket model shared by every connectlimit
+// [Store]: limits, requests, decisions and the pure arithmetic that turns a
+// bucket's level, a cost and an instant into a [Decision].
+//
+// A bucket holds at most Capacity tokens and refills continuously at
+// RefillPerSecond tokens per second. A call takes Cost tokens from each bucket
+// it names, all or nothing. A bucket that has refilled to full is
+// indistinguishable from one that was never used, so stores keep no state for
+// it.
+//
+// This package imports nothing but the standard library; the interceptor
+// talks to stores only through [Store], so it never knows whether the
+// buckets live in memory or in Redis.
+package bucket
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"time"
+)
+
+// MaxCharges is the largest number of buckets one [Request] may charge. It
+// bounds the work a single call can ask of a store.
+const MaxCharges = 16
+
+// tolerance absorbs floating-point noise when comparing a level with a cost,
+// so that a caller who waits exactly RetryAfter is allowed.
+const tolerance = 1e-9
+
+// ErrInvalidRequest is wrapped by every error a [Store] returns for a
+// malformed [Request] (as opposed to a backend failure).
+var ErrInvalidRequest = errors.New("bucket: invalid request")
+
+// Limit is the shape of one token bucket: how many tokens it holds when full
+// and how fast it refills. The zero Limit is invalid; build one with
+// [NewLimit] or check it with [Limit.Validate].
+type Limit struct {
+	// Capacity is the most tokens the bucket holds (its burst), > 0.
+	Capacity float64
+	// RefillPerSecond is the refill rate in tokens per second, > 0.
+	RefillPerSecond float64
+}
+
+// NewLimit returns a validated Limit.
+func NewLimit(capacity, refillPerSecond float64) (Limit, error) {
+	l := Limit{Capacity: capacity, RefillPerSecond: refillPerSecond}
+	if err := l.Validate(); err != nil {
+		return Limit{}, err
+	}
+	return l, nil
+}
+
+// Validate reports whether l can be used: both fields must be finite and
+// greater than zero. The error names the field and the value.
+func (l Limit) Validate() error {
+	if err := positiveFinite("capacity", l.Capacity); err != nil {
+		return err
+	}
+	return positiveFinite("refill_per_second", l.RefillPerSecond)
+}
+
+func positiveFinite(field string, v float64) error {
+	if math.IsNaN(v) || math.IsInf(v, 0) || v <= 0 {
+		return fmt.Errorf("bucket: %s must be a finite number greater than 0, got %v", field, v)
+	}
+	return nil
+}
+
+// Refill returns the level of a bucket that held tokens elapsed ago: tokens
+// plus the refill since then, capped at Capacity. A negative elapsed time
+// (a clock that stepped back) refills nothing.
+func (l Limit) Refill(tokens float64, elapsed time.Duration) float64 {
+	if elapsed > 0 {
+		tokens += elapsed.Seconds() * l.RefillPerSecond
+	}
+	return math.Min(tokens, l.Capacity)
+}
+
+// TimeToFull is how long a bucket holding tokens takes to refill to
+// Capacity, rounded up to the nanosecond. It is zero for a full bucket.
+func (l Limit) TimeToFull(tokens float64) time.Duration {
+	return l.timeToReach(tokens, l.Capacity)
+}
+
+// timeToReach is how long a bucket holding tokens takes to hold want tokens,
+// rounded up so that waiting exactly that long is enough.
+func (l Limit) timeToReach(tokens, want float64) time.Duration {
+	if tokens >= want {
+		return 0
+	}
+	return secondsCeil((want - tokens) / l.RefillPerSecond)
+}
+
+func secondsCeil(s float64) time.Duration {
+	ns := math.Ceil(s * 1e9)
+	if ns >= math.MaxInt64 {
+		return time.Duration(math.MaxInt64)
+	}
+	return time.Duration(ns)
+}
+
+// Mode says how a [Store] applies a [Request].
+type Mode uint8
+
+const (
+	// ModeTake charges every bucket only if every bucket can pay its cost;
+	// otherwise it changes nothing and denies. A zero cost reads the buckets
+	// without changing them. This is the default.
+	ModeTake Mode = iota
+	// ModeAdjust always applies the costs: a positive cost may take a bucket
+	// below zero (a debt that later refill pays off), and a negative cost
+	// returns tokens, never above Capacity. It is used to settle a call's
+	// estimated cost to its actual cost.
+	ModeAdjust
+)
+
+// String returns the mode's name.
+func (m Mode) String() string {
+	switch m {
+	case ModeTake:
+		return "take"
+	case ModeAdjust:
+		return "adjust"
+	default:
+		return fmt.Sprintf("Mode(%d)", uint8(m))
+	}
+}
+
+// Charge is one bucket of a [Request] and what the request costs it.
+type Charge struct {
+	// Bucket names the bucket, e.g. "search". Together with the request's
+	// Subject it identifies one bucket instance.
+	Bucket string
+	// Limit is the bucket's capacity and refill rate.
+	Limit Limit
+	// Cost is the number of tokens to take; fractions are allowed. It must
+	// be >= 0 with ModeTake and may be negative (a refund) with ModeAdjust.
+	Cost float64
+}
+
+// Request asks a [Store] to charge some of one subject's buckets at once.
+// Every bucket of a request belongs to the same subject, which is what lets a
+// Redis Cluster store keep them in one hash slot.
+type Request struct {
+	// Subject is who pays: an API key, a user or a client address, already
+	// made unique by the caller (e.g. "user:alice"). Any non-empty string
+	// is accepted; stores escape or hash it.
+	Subject string
+	// Charges are the buckets to charge, at most [MaxCharges], each bucket
+	// name at most once.
+	Charges []Charge
+	// Mode says how the charges are applied; the zero value is [ModeTake].
+	Mode Mode
+}
+
+// Validate reports whether r is well formed. The error wraps
+// [ErrInvalidRequest] and names the offending field and value.
+func (r Request) Validate() error {
+	if r.Subject == "" {
+		return fmt.Errorf("%w: subject is empty", ErrInvalidRequest)
+	}
+	if r.Mode != ModeTake && r.Mode != ModeAdjust {
+		return fmt.Errorf("%w: unknown mode %v", ErrInvalidRequest, r.Mode)
+	}
+	if len(r.Charges) == 0 || len(r.Charges) > MaxCharges {
+		return fmt.Errorf("%w: %d charges, want 1 to %d", ErrInvalidRequest, len(r.Charges), MaxCharges)
+	}
+	for i, c := range r.Charges {
+		if c.Bucket == "" {
+			return fmt.Errorf("%w: charges[%d].bucket is empty", ErrInvalidRequest, i)
+		}
+		for _, prev := range r.Charges[:i] {
+			if prev.Bucket == c.Bucket {
+				return fmt.Errorf("%w: bucket %q is charged twice", ErrInvalidRequest, c.Bucket)
+			}
+		}
+		if err := c.Limit.Validate(); err != nil {
+			return fmt.Errorf("%w: bucket %q: %w", ErrInvalidRequest, c.Bucket, err)
+		}
+		if math.IsNaN(c.Cost) || math.IsInf(c.Cost, 0) || (r.Mode == ModeTake && c.Cost < 0) {
+			return fmt.Errorf("%w: bucket %q: cost must be a finite number >= 0, got %v", ErrInvalidRequest, c.Bucket, c.Cost)
+		}
+	}
+	return nil
+}
+
+// Decision is a [Store]'s answer to a [Request]. A denial is a Decision with
+// Allowed false, never an error.
+//
+// For example, a bucket with Capacity 10 and RefillPerSecond 1 that holds 2
+// tokens, asked for 5, denies with Remaining 2, RetryAfter 3s (when it will
+// hold 5) and ResetAfter 8s (when it will be full).
+type Decision struct {
+	// Allowed reports whether the request was applied. With ModeTake it is
+	// true only if every bucket could pay; with ModeAdjust it is always
+	// true.
+	Allowed bool
+	// RetryAfter is, for a denied request, how long until every bucket can
+	// pay its cost, assuming nobody else takes from them. It is zero when
+	// the request was allowed, and also when it can never be allowed
+	// because a cost exceeds its bucket's capacity (see [Decision.OverCapacity]).
+	RetryAfter time.Duration
+	// Buckets has one entry for each charge of the request, in order.
+	Buckets []BucketState
+}
+
+// BucketState is one bucket's part of a [Decision].
+type BucketState struct {
+	// Bucket is the bucket's name, as in the [Charge].
+	Bucket string
+	// Limit is the bucket's limit, as in the [Charge].
+	Limit Limit
+	// Cost is the cost that was asked of the bucket.
+	Cost float64
+	// Allowed reports whether this bucket alone could pay Cost. A request
+	// can be denied while some of its buckets report Allowed.
+	Allowed bool
+	// Remaining is the bucket's level once the decision is applied (or
+	// now, if the request was denied). It is negative when the bucket is in
+	// debt after a ModeAdjust charge.
+	Remaining float64
+	// RetryAfter is how long until this bucket alone can pay Cost: zero if
+	// it can now, or if it never can (Cost > Capacity).
+	RetryAfter time.Duration
+	// ResetAfter is how long until the bucket is full again.
+	ResetAfter time.Duration
+}
+
+// OverCapacity reports whether the cost exceeds the bucket's capacity, so
+// that no wait can make it affordable.
+func (b BucketState) OverCapacity() bool { return b.Cost > b.Limit.Capacity }
+
+// OverCapacity reports whether a denial is final: some bucket was asked for
+// more than it can ever hold.
+func (d Decision) OverCapacity() bool {
+	for _, b := range d.Buckets {
+		if b.OverCapacity() {
+			return true
+		}
+	}
+	return false
+}
+
+// Denying returns the bucket that denied the request: among the buckets that
+// could not pay, the one with a cost over its capacity if any, else the one
+// with the longest wait. It returns false for an allowed request.
+func (d Decision) Denying() (BucketState, bool) {
+	var worst BucketState
+	found := false
+	for _, b := range d.Buckets {
+		if b.Allowed {
+			continue
+		}
+		switch {
+		case !found:
+			worst, found = b, true
+		case b.OverCapacity() && !worst.OverCapacity():
+			worst = b
+		case !worst.OverCapacity() && b.RetryAfter > worst.RetryAfter:
+			worst = b
+		}
+	}
+	return worst, found
+}
+
+// Decide is the token-bucket arithmetic every store shares. Given a valid
+// request and the current level of each of its buckets (tokens[i] for
+// Charges[i], already refilled to the present with [Limit.Refill]), it
+// returns the decision; if it is allowed, each bucket's Remaining is the
+// level to store. It does not read a clock, and it does not modify tokens.
+func Decide(req Request, tokens []float64) Decision {
+	d := Decision{Allowed: true, Buckets: make([]BucketState, len(req.Charges))}
+	for i, c := range req.Charges {
+		b := BucketState{Bucket: c.Bucket, Limit: c.Limit, Cost: c.Cost, Remaining: tokens[i]}
+		switch {
+		case req.Mode == ModeAdjust:
+			b.Allowed = true
+			b.Remaining = math.Min(tokens[i]-c.Cost, c.Limit.Capacity)
+		case c.Cost > c.Limit.Capacity:
+			// Never affordable: no RetryAfter, since no wait would help.
+		case tokens[i]-c.Cost >= -tolerance*math.Max(1, c.Cost):
+			b.Allowed = true
+			b.Remaining = tokens[i] - c.Cost
+		default:
+			b.RetryAfter = c.Limit.timeToReach(tokens[i], c.Cost)
+		}
+		if !b.Allowed {
+			d.Allowed = false
+		}
+		d.Buckets[i] = b
+	}
+	for i := range d.Buckets {
+		b := &d.Buckets[i]
+		if !d.Allowed {
+			b.Remaining = tokens[i]
+		}
+		b.ResetAfter = b.Limit.TimeToFull(b.Remaining)
+	}
+	if !d.Allowed && !d.OverCapacity() {
+		for _, b := range d.Buckets {
+			d.RetryAfter = max(d.RetryAfter, b.RetryAfter)
+		}
+	}
+	return d
+}
+
+// Store decides [Request]s against buckets it keeps. Implementations are
+// safe for concurrent use, apply each request atomically (all of its
+// charges or none), and decide with their own notion of the present (an
+// injected clock in memory, the server's clock in Redis).
+//
+// Take returns an error only when the request is malformed (wrapping
+// [ErrInvalidRequest]) or the backend failed; a denial is a [Decision]
+// with Allowed false. When Take returns an error, no bucket was changed,
+// unless the backend failed after applying it and could not say so (a
+// lost reply); callers that must not double-charge treat such errors as
+// "unknown".
+type Store interface {
+	Take(ctx context.Context, req Request) (Decision, error)
+}

@@ -1,0 +1,41 @@
+package redisstore_test
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/connectlimit/connectlimit/bucket"
+	"github.com/connectlimit/connectlimit/bucket/redisstore"
+)
+
+// This example is compiled but not run: it needs a Redis at localhost:6379.
+func ExampleNew() {
+	client := redis.NewClient(&redis.Options{
+		Addr: "localhost:6379",
+		// Fail a call at its context's deadline, even if Redis hangs.
+		ContextTimeoutEnabled: true,
+		// Never resend a script whose reply was lost: charge at most once.
+		MaxRetries: -1,
+	})
+	defer client.Close()
+	store := redisstore.New(client, redisstore.WithKeyPrefix("myapp"))
+
+	// 60 requests a minute, in bursts of up to 10, plus 1,000 tokens a minute.
+	d, err := store.Take(context.Background(), bucket.Request{
+		Subject: "user:alice",
+		Charges: []bucket.Charge{
+			{Bucket: "requests", Limit: bucket.Limit{Capacity: 10, RefillPerSecond: 1}, Cost: 1},
+			{Bucket: "tokens", Limit: bucket.Limit{Capacity: 1000, RefillPerSecond: 1000.0 / 60}, Cost: 250},
+		},
+	})
+	switch {
+	case err != nil:
+		fmt.Println("Redis failed:", err)
+	case !d.Allowed:
+		fmt.Println("denied; retry after", d.RetryAfter)
+	default:
+		fmt.Println("allowed;", d.Buckets[1].Remaining, "tokens left")
+	}
+}

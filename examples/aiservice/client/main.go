@@ -1,0 +1,128 @@
+// Command client calls the example AIService until connectlimit says stop.
+//
+// It calls Search -n times and prints each call's status and rate-limit
+// headers. When the server answers with CodeResourceExhausted it prints the
+// error, its google.rpc.RetryInfo detail and the Retry-After header, and
+// stops calling Search. With -report it then streams one GenerateReport call,
+// which draws from a different bucket.
+//
+//	go run ./examples/aiservice/client -key demo -n 70 -report
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"math"
+	"net/http"
+	"os"
+	"os/signal"
+
+	"connectrpc.com/connect"
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+
+	aiservicev1 "github.com/connectlimit/connectlimit/examples/aiservice/gen/aiservice/v1"
+	"github.com/connectlimit/connectlimit/examples/aiservice/gen/aiservice/v1/aiservicev1connect"
+)
+
+func main() {
+	addr := flag.String("addr", "http://127.0.0.1:8080", "base URL of the AIService server")
+	key := flag.String("key", "", "API key, sent as \"Authorization: Bearer <key>\" (optional)")
+	n := flag.Int("n", 70, "number of Search calls")
+	query := flag.String("query", "token bucket rate limiting", "Search query")
+	report := flag.Bool("report", false, "also call GenerateReport")
+	topic := flag.String("topic", "rate limiting for LLM APIs", "GenerateReport topic (with -report)")
+	maxTokens := flag.Int("max-tokens", 200, "GenerateReport max_tokens (with -report)")
+	flag.Parse()
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	defer stop()
+	client := aiservicev1connect.NewAIServiceClient(http.DefaultClient, *addr)
+
+	if err := search(ctx, client, *key, *query, *n); err != nil {
+		fmt.Fprintf(os.Stderr, "search: %v\n", err)
+		os.Exit(1)
+	}
+	if *report {
+		if err := generateReport(ctx, client, *key, *topic, *maxTokens); err != nil {
+			fmt.Fprintf(os.Stderr, "generate report: %v\n", err)
+			os.Exit(1)
+		}
+	}
+}
+
+// search calls Search up to n times and stops at the first rate-limit denial.
+// It returns an error only for failures other than a denial.
+func search(ctx context.Context, client aiservicev1connect.AIServiceClient, key, query string, n int) error {
+	for i := 1; i <= n; i++ {
+		req := connect.NewRequest(&aiservicev1.SearchRequest{Query: query, TopK: 3})
+		setKey(req.Header(), key)
+		res, err := client.Search(ctx, req)
+		if err != nil {
+			fmt.Fprintf(os.Stdout, "search %3d: %v\n", i, connect.CodeOf(err))
+			return explainDenial(err)
+		}
+		fmt.Fprintf(os.Stdout, "search %3d: ok, %d results  RateLimit: %q  RateLimit-Policy: %q\n",
+			i, len(res.Msg.GetResults()), res.Header().Get("RateLimit"), res.Header().Get("RateLimit-Policy"))
+	}
+	return nil
+}
+
+// generateReport streams one report to stdout and prints its usage.
+func generateReport(ctx context.Context, client aiservicev1connect.AIServiceClient, key, topic string, maxTokens int) error {
+	// Out-of-range values are clamped to int32 so that the server, not this
+	// client, gets to reject them.
+	clamped := int32(max(min(maxTokens, math.MaxInt32), math.MinInt32))
+	req := connect.NewRequest(&aiservicev1.GenerateReportRequest{Topic: topic, MaxTokens: clamped})
+	setKey(req.Header(), key)
+	stream, err := client.GenerateReport(ctx, req)
+	if err != nil {
+		fmt.Fprintf(os.Stdout, "report: %v\n", connect.CodeOf(err))
+		return explainDenial(err)
+	}
+	defer stream.Close()
+	fmt.Fprintf(os.Stdout, "report: RateLimit: %q  RateLimit-Policy: %q\n",
+		stream.ResponseHeader().Get("RateLimit"), stream.ResponseHeader().Get("RateLimit-Policy"))
+	var usage *aiservicev1.Usage
+	for stream.Receive() {
+		fmt.Fprint(os.Stdout, stream.Msg().GetText())
+		if u := stream.Msg().GetUsage(); u != nil {
+			usage = u
+		}
+	}
+	fmt.Fprintln(os.Stdout)
+	if err := stream.Err(); err != nil {
+		fmt.Fprintf(os.Stdout, "report: %v\n", connect.CodeOf(err))
+		return explainDenial(err)
+	}
+	fmt.Fprintf(os.Stdout, "report usage: prompt=%d completion=%d total=%d tokens\n",
+		usage.GetPromptTokens(), usage.GetCompletionTokens(), usage.GetTotalTokens())
+	return nil
+}
+
+// setKey sends the API key, if any, as a bearer token.
+func setKey(header http.Header, key string) {
+	if key != "" {
+		header.Set("Authorization", "Bearer "+key)
+	}
+}
+
+// explainDenial prints what a rate-limit denial says about when to retry and
+// returns nil; any other error is returned unchanged.
+func explainDenial(err error) error {
+	var connectErr *connect.Error
+	if !errors.As(err, &connectErr) || connectErr.Code() != connect.CodeResourceExhausted {
+		return err
+	}
+	fmt.Fprintf(os.Stdout, "  rate limited: %s\n", connectErr.Message())
+	for _, detail := range connectErr.Details() {
+		value, valueErr := detail.Value()
+		if retryInfo, ok := value.(*errdetails.RetryInfo); ok && valueErr == nil {
+			fmt.Fprintf(os.Stdout, "  RetryInfo.retry_delay: %v\n", retryInfo.GetRetryDelay().AsDuration())
+		}
+	}
+	fmt.Fprintf(os.Stdout, "  Retry-After: %q  RateLimit: %q  RateLimit-Policy: %q\n",
+		connectErr.Meta().Get("Retry-After"), connectErr.Meta().Get("RateLimit"), connectErr.Meta().Get("RateLimit-Policy"))
+	return nil
+}

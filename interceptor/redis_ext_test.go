@@ -1,0 +1,180 @@
+package interceptor_test
+
+import (
+	"errors"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"connectrpc.com/connect"
+	"github.com/redis/go-redis/v9"
+	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	"github.com/connectlimit/connectlimit/bucket/redisstore"
+	"github.com/connectlimit/connectlimit/costmap"
+	"github.com/connectlimit/connectlimit/interceptor"
+	"github.com/connectlimit/connectlimit/internal/redistest"
+)
+
+// redisStore returns a store on rs through a client of its own, configured
+// as server.WithRedisURL configures one: deadlines honoured, no resends.
+func redisStore(t *testing.T, rs *redistest.Server) *redisstore.Store {
+	t.Helper()
+	return redisstore.New(rs.NewClient(t, func(o *redis.Options) {
+		o.ContextTimeoutEnabled = true
+		o.MaxRetries = -1
+		o.PoolSize = 128
+	}))
+}
+
+// TestExactAcrossInstances hammers one identity through three interceptor
+// instances (three servers, three Redis clients) that share one Redis. The
+// calls allowed never exceed what the bucket can pay, capacity + rate ×
+// elapsed (from the first call sent to the last answer received), and reach
+// at least 95% of what it surely could pay while calls were waiting
+// (capacity + rate × time from the first call sent to the last one sent).
+func TestExactAcrossInstances(t *testing.T) {
+	t.Parallel()
+	const (
+		instances  = 3
+		goroutines = 240
+		capacity   = 50
+		rate       = 80 // calls per second, well below what the machine serves under -race
+		duration   = 2 * time.Second
+	)
+	cfg := costmap.Config{Buckets: map[string]costmap.BucketConfig{
+		"search":   {Capacity: capacity, RefillPerSecond: rate},
+		"generate": {Capacity: 100, RefillPerSecond: 10},
+	}}
+	rs := redistest.Start(t)
+	fixtures := make([]*fixture, instances)
+	for i := range fixtures {
+		// Fail closed with a long timeout: a store failure must show up
+		// as a failed call, never as an uncharged allowed one.
+		fixtures[i] = newFixtureConfig(t, cfg, redisStore(t, rs),
+			interceptor.WithFailurePolicy(interceptor.FailClosed),
+			interceptor.WithStoreTimeout(10*time.Second))
+	}
+	// Open each client's connection first (on the unlimited procedure), so
+	// the measurement is not of 300 concurrent TLS handshakes.
+	for _, f := range fixtures {
+		if _, err := f.free.CallUnary(t.Context(), connect.NewRequest(wrapperspb.String("warm-up"))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var allowed, denied, lastSent atomic.Int64
+	errs := make(chan error, goroutines)
+	var wg sync.WaitGroup
+	start := time.Now()
+	for g := range goroutines {
+		f := fixtures[g%instances]
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				sent := time.Since(start)
+				if sent >= duration {
+					return
+				}
+				for prev := lastSent.Load(); int64(sent) > prev && !lastSent.CompareAndSwap(prev, int64(sent)); prev = lastSent.Load() {
+				}
+				_, err := callSearch(t, f.search, "user:alice")
+				switch {
+				case err == nil:
+					allowed.Add(1)
+				case connect.CodeOf(err) == connect.CodeResourceExhausted:
+					denied.Add(1)
+				default:
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	close(errs)
+	for err := range errs {
+		t.Fatalf("call failed: %v", err)
+	}
+	upper := capacity + rate*elapsed.Seconds()
+	lower := capacity + rate*time.Duration(lastSent.Load()).Seconds()
+	got := float64(allowed.Load())
+	t.Logf("allowed %.0f of %d calls; could pay %.1f while calls waited (%.1f%%) and %.1f at most (%.1f%%)",
+		got, allowed.Load()+denied.Load(), lower, 100*got/lower, upper, 100*got/upper)
+	if got > upper {
+		t.Fatalf("allowed %.0f calls, more than capacity + rate × elapsed = %.1f", got, upper)
+	}
+	if got < 0.95*lower {
+		t.Fatalf("allowed %.0f calls, less than 95%% of the %.1f the bucket could pay while calls waited", got, lower)
+	}
+	if denied.Load() == 0 {
+		t.Fatal("no call was denied: the load did not exceed the limit, so the test proves nothing")
+	}
+}
+
+// TestRedisDownAppliesPolicy stops a real Redis (SIGSTOP: it accepts
+// connections but never answers) and then kills it: every call gets the
+// failure policy's answer within the store timeout, never a hang and never a
+// quota denial.
+func TestRedisDownAppliesPolicy(t *testing.T) {
+	t.Parallel()
+	const timeout = 200 * time.Millisecond
+	for _, tc := range []struct {
+		name     string
+		policy   interceptor.FailurePolicy
+		wantCode connect.Code // 0: allowed
+	}{
+		{"fail open", interceptor.FailOpen, 0},
+		{"fail closed", interceptor.FailClosed, connect.CodeUnavailable},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			rs := redistest.Start(t)
+			f := newFixture(t, redisStore(t, rs),
+				interceptor.WithFailurePolicy(tc.policy), interceptor.WithStoreTimeout(timeout))
+			// The first call loads the script; give it a few tries on a
+			// busy machine.
+			var err error
+			for range 5 {
+				if _, err = callSearch(t, f.search, ""); err == nil {
+					break
+				}
+			}
+			if err != nil {
+				t.Fatalf("with Redis up: %v", err)
+			}
+			check := func(state string) {
+				t.Helper()
+				for range 5 {
+					start := time.Now()
+					_, err := callSearch(t, f.search, "")
+					// Generous slack for a loaded machine; a hang would
+					// take go-redis's 3 s read timeout or forever.
+					if elapsed := time.Since(start); elapsed > timeout+2*time.Second {
+						t.Fatalf("%s: call took %v with a %v store timeout", state, elapsed, timeout)
+					}
+					if tc.wantCode == 0 {
+						if err != nil {
+							t.Fatalf("%s: fail-open call failed: %v", state, err)
+						}
+						continue
+					}
+					var ce *connect.Error
+					if !errors.As(err, &ce) || ce.Code() != tc.wantCode {
+						t.Fatalf("%s: err = %v, want %v", state, err, tc.wantCode)
+					}
+				}
+			}
+			if err := rs.Pause(0); err != nil {
+				t.Fatal(err)
+			}
+			check("Redis paused")
+			if err := rs.Kill(); err != nil {
+				t.Fatal(err)
+			}
+			check("Redis killed")
+		})
+	}
+}

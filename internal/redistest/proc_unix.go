@@ -1,0 +1,11 @@
+//go:build unix
+
+package redistest
+
+import "syscall"
+
+var (
+	sigStop = syscall.SIGSTOP
+	sigCont = syscall.SIGCONT
+	sigTerm = syscall.SIGTERM
+)

@@ -1,0 +1,396 @@
+// Package redistest starts real redis-server processes for tests: a single
+// [Server] with [Start], or a three-master [Cluster] with [StartCluster].
+//
+// Every server runs as a child of the test binary on free 127.0.0.1 ports,
+// keeps its files in a test temporary directory, persists nothing, and is
+// killed by PID when the test that started it ends. The package never
+// touches a Redis it did not start, so tests may run beside a developer's
+// own Redis on 6379.
+//
+// Only _test.go files and benchmark programs import this package.
+package redistest
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// DefaultStartTimeout is how long [Start] waits for a server to answer PING,
+// unless set with [WithStartTimeout].
+const DefaultStartTimeout = 10 * time.Second
+
+// bindAttempts is how many ports Start tries when another process takes the
+// port it picked between picking and binding.
+const bindAttempts = 5
+
+// stopTimeout is how long [Server.Stop] waits after SIGTERM before SIGKILL.
+const stopTimeout = 10 * time.Second
+
+// Option configures [Start] and [StartCluster].
+type Option interface {
+	apply(*config)
+}
+
+type optionFunc func(*config)
+
+func (f optionFunc) apply(c *config) { f(c) }
+
+type config struct {
+	args         []string
+	startTimeout time.Duration
+	// busPort makes Start pick a second free port for the cluster bus.
+	busPort bool
+}
+
+func newConfig(opts []Option) config {
+	c := config{startTimeout: DefaultStartTimeout}
+	for _, o := range opts {
+		o.apply(&c)
+	}
+	return c
+}
+
+// WithArgs appends arguments to the redis-server command line, after the
+// ones Start sets, e.g. WithArgs("--maxmemory", "10mb"). By default no
+// argument is added.
+func WithArgs(args ...string) Option {
+	return optionFunc(func(c *config) { c.args = append(c.args, args...) })
+}
+
+// WithStartTimeout sets how long Start waits for a server to answer PING
+// (and StartCluster for the cluster to become healthy, twice that). The
+// default is [DefaultStartTimeout].
+func WithStartTimeout(d time.Duration) Option {
+	return optionFunc(func(c *config) { c.startTimeout = d })
+}
+
+// Server is one redis-server process started by [Start]. Its methods are
+// safe for concurrent use.
+type Server struct {
+	addr    string
+	port    int
+	busPort int
+	dir     string
+	logPath string
+	cmd     *exec.Cmd
+	// done is closed once the process has exited and been reaped.
+	done chan struct{}
+
+	mu     sync.Mutex
+	resume *time.Timer
+}
+
+// Start starts a redis-server on a free 127.0.0.1 port, waits until it
+// answers PING and registers a cleanup that kills it by PID. The server
+// saves nothing (--save "" --appendonly no) and keeps its files in a
+// temporary directory of tb. Start fails tb if redis-server is not on PATH
+// or does not come up within the start timeout.
+func Start(tb testing.TB, opts ...Option) *Server {
+	tb.Helper()
+	return start(tb, newConfig(opts))
+}
+
+func start(tb testing.TB, cfg config) *Server {
+	tb.Helper()
+	bin := lookPath(tb, "redis-server")
+	dir := tb.TempDir()
+	var lastErr error
+	for attempt := range bindAttempts {
+		s, err := launch(bin, dir, attempt, cfg)
+		if err != nil {
+			tb.Fatalf("redistest: %v", err)
+		}
+		tb.Cleanup(s.cleanup)
+		err = s.waitReady(cfg.startTimeout)
+		if err == nil {
+			return s
+		}
+		s.cleanup()
+		lastErr = err
+		if !strings.Contains(s.Log(), "Address already in use") {
+			break
+		}
+	}
+	tb.Fatalf("redistest: %v", lastErr)
+	return nil
+}
+
+func lookPath(tb testing.TB, name string) string {
+	tb.Helper()
+	p, err := exec.LookPath(name)
+	if err != nil {
+		tb.Fatalf("%s not found on PATH: install it (apt-get install redis-server) or run scripts/test.sh, which does", name)
+	}
+	return p
+}
+
+// launch starts the process without waiting for it to be ready.
+func launch(bin, dir string, attempt int, cfg config) (*Server, error) {
+	ports, err := freePorts(1 + boolInt(cfg.busPort))
+	if err != nil {
+		return nil, err
+	}
+	s := &Server{
+		port: ports[0],
+		addr: net.JoinHostPort("127.0.0.1", strconv.Itoa(ports[0])),
+		dir:  dir,
+		done: make(chan struct{}),
+	}
+	args := []string{
+		"--port", strconv.Itoa(s.port),
+		"--bind", "127.0.0.1",
+		"--daemonize", "no",
+		"--save", "",
+		"--appendonly", "no",
+		"--dir", dir,
+		"--logfile", "",
+	}
+	if cfg.busPort {
+		s.busPort = ports[1]
+		args = append(args, "--cluster-port", strconv.Itoa(s.busPort))
+	}
+	args = append(args, cfg.args...)
+	s.logPath = filepath.Join(dir, fmt.Sprintf("redis-%d.log", attempt))
+	logFile, err := os.Create(s.logPath)
+	if err != nil {
+		return nil, fmt.Errorf("creating the server log: %w", err)
+	}
+	// The test binary owns the process: no context, so that it lives until
+	// the cleanup (not until some caller's context ends).
+	s.cmd = exec.Command(bin, args...) //nolint:noctx // lifetime is managed by PID
+	s.cmd.Dir = dir
+	s.cmd.Stdout = logFile
+	s.cmd.Stderr = logFile
+	s.cmd.SysProcAttr = sysProcAttr()
+	if err := s.cmd.Start(); err != nil {
+		_ = logFile.Close()
+		return nil, fmt.Errorf("starting %s: %w", bin, err)
+	}
+	go func() {
+		_ = s.cmd.Wait()
+		_ = logFile.Close()
+		close(s.done)
+	}()
+	return s, nil
+}
+
+func boolInt(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// freePorts returns n distinct loopback ports that were free a moment ago.
+// They are held open together so that they differ; another process may still
+// take one before redis-server binds it, which Start retries.
+func freePorts(n int) ([]int, error) {
+	ports := make([]int, 0, n)
+	for range n {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, fmt.Errorf("finding a free port: %w", err)
+		}
+		defer l.Close()
+		addr, ok := l.Addr().(*net.TCPAddr)
+		if !ok {
+			return nil, fmt.Errorf("finding a free port: listener address is a %T", l.Addr())
+		}
+		ports = append(ports, addr.Port)
+	}
+	return ports, nil
+}
+
+// waitReady polls PING until the server answers, exits, or timeout passes.
+func (s *Server) waitReady(timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	var err error
+	for {
+		select {
+		case <-s.done:
+			return fmt.Errorf("redis-server on %s exited before answering PING (%s); its log:\n%s", s.addr, s.cmd.ProcessState, s.Log())
+		default:
+		}
+		if err = ping(s.addr, 200*time.Millisecond); err == nil {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("redis-server on %s (pid %d) did not answer PING within %v: %w; its log:\n%s", s.addr, s.PID(), timeout, err, s.Log())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// ping sends one inline PING and expects +PONG.
+func ping(addr string, timeout time.Duration) error {
+	c, err := net.DialTimeout("tcp", addr, timeout)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	if err := c.SetDeadline(time.Now().Add(timeout)); err != nil {
+		return err
+	}
+	if _, err := c.Write([]byte("PING\r\n")); err != nil {
+		return err
+	}
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		return err
+	}
+	if line != "+PONG\r\n" {
+		return fmt.Errorf("PING answered %q", strings.TrimSpace(line))
+	}
+	return nil
+}
+
+// Addr returns the server's address, "127.0.0.1:port".
+func (s *Server) Addr() string { return s.addr }
+
+// PID returns the server's process id.
+func (s *Server) PID() int { return s.cmd.Process.Pid }
+
+// Dir returns the server's working directory, a temporary directory of the
+// test that started it.
+func (s *Server) Dir() string { return s.dir }
+
+// Log returns what the server has logged so far.
+func (s *Server) Log() string {
+	b, err := os.ReadFile(s.logPath)
+	if err != nil {
+		return fmt.Sprintf("(log unreadable: %v)", err)
+	}
+	return string(b)
+}
+
+// Done returns a channel that is closed once the server process has exited.
+func (s *Server) Done() <-chan struct{} { return s.done }
+
+// NewClient returns a client of the server, closed when tb ends. Each
+// configure function may change the options (timeouts, retries) before the
+// client is made; Addr is already set.
+func (s *Server) NewClient(tb testing.TB, configure ...func(*redis.Options)) *redis.Client {
+	tb.Helper()
+	opts := &redis.Options{Addr: s.addr}
+	for _, f := range configure {
+		f(opts)
+	}
+	c := redis.NewClient(opts)
+	tb.Cleanup(func() { _ = c.Close() })
+	return c
+}
+
+// Kill kills the server with SIGKILL and waits for it to exit, to simulate
+// a crash. It is a no-op once the server has exited.
+func (s *Server) Kill() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.killLocked()
+}
+
+func (s *Server) killLocked() error {
+	s.cancelResumeLocked()
+	// A stopped process dies of SIGKILL too, but continue it first so that
+	// nothing is left waiting on it.
+	_ = s.signal(sigCont)
+	if err := s.cmd.Process.Kill(); err != nil && !errors.Is(err, os.ErrProcessDone) {
+		return fmt.Errorf("redistest: killing pid %d: %w", s.PID(), err)
+	}
+	<-s.done
+	return nil
+}
+
+// Stop shuts the server down with SIGTERM, as an operator would, and waits
+// for it to exit; after 10 s it kills it. It is a no-op once the server has
+// exited.
+func (s *Server) Stop() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.cancelResumeLocked()
+	_ = s.signal(sigCont)
+	if err := s.signal(sigTerm); err != nil {
+		if errors.Is(err, os.ErrProcessDone) {
+			return nil
+		}
+		return fmt.Errorf("redistest: stopping pid %d: %w", s.PID(), err)
+	}
+	select {
+	case <-s.done:
+		return nil
+	case <-time.After(stopTimeout):
+		return s.killLocked()
+	}
+}
+
+// Pause stops the server process with SIGSTOP, so that it accepts
+// connections but answers nothing, like a hung server. It resumes it with
+// SIGCONT after d, or on [Server.Resume] if d <= 0. The cleanup resumes a
+// paused server before killing it.
+func (s *Server) Pause(d time.Duration) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.cancelResumeLocked()
+	if err := s.signal(sigStop); err != nil {
+		return fmt.Errorf("redistest: pausing pid %d: %w", s.PID(), err)
+	}
+	if d > 0 {
+		s.resume = time.AfterFunc(d, func() { _ = s.Resume() })
+	}
+	return nil
+}
+
+// Resume continues a server paused with [Server.Pause]. It is a no-op for a
+// running server.
+func (s *Server) Resume() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.cancelResumeLocked()
+	if err := s.signal(sigCont); err != nil && !errors.Is(err, os.ErrProcessDone) {
+		return fmt.Errorf("redistest: resuming pid %d: %w", s.PID(), err)
+	}
+	return nil
+}
+
+func (s *Server) cancelResumeLocked() {
+	if s.resume != nil {
+		s.resume.Stop()
+		s.resume = nil
+	}
+}
+
+func (s *Server) signal(sig os.Signal) error {
+	if sig == nil {
+		return errors.ErrUnsupported
+	}
+	select {
+	case <-s.done:
+		return os.ErrProcessDone
+	default:
+	}
+	return s.cmd.Process.Signal(sig)
+}
+
+// cleanup kills the server; it runs when the test ends.
+func (s *Server) cleanup() {
+	_ = s.Kill()
+}
+
+// command runs one command on the server with a fresh connection.
+func (s *Server) command(ctx context.Context, args ...any) (any, error) {
+	c := redis.NewClient(&redis.Options{Addr: s.addr, MaxRetries: -1, DialTimeout: time.Second, ReadTimeout: time.Second})
+	defer c.Close()
+	return c.Do(ctx, args...).Result()
+}
