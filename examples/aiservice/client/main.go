@@ -63,8 +63,7 @@ func search(ctx context.Context, client aiservicev1connect.AIServiceClient, key,
 			fmt.Fprintf(os.Stdout, "search %3d: %v\n", i, connect.CodeOf(err))
 			return explainDenial(err)
 		}
-		fmt.Fprintf(os.Stdout, "search %3d: ok, %d results  RateLimit: %q  RateLimit-Policy: %q\n",
-			i, len(res.Msg.GetResults()), res.Header().Get("RateLimit"), res.Header().Get("RateLimit-Policy"))
+		fmt.Fprintf(os.Stdout, "search %3d: ok, %d results  %s\n", i, len(res.Msg.GetResults()), limitHeaders(res.Header()))
 	}
 	return nil
 }
@@ -82,8 +81,7 @@ func generateReport(ctx context.Context, client aiservicev1connect.AIServiceClie
 		return explainDenial(err)
 	}
 	defer stream.Close()
-	fmt.Fprintf(os.Stdout, "report: RateLimit: %q  RateLimit-Policy: %q\n",
-		stream.ResponseHeader().Get("RateLimit"), stream.ResponseHeader().Get("RateLimit-Policy"))
+	fmt.Fprintf(os.Stdout, "report: %s\n", limitHeaders(stream.ResponseHeader()))
 	var usage *aiservicev1.Usage
 	for stream.Receive() {
 		fmt.Fprint(os.Stdout, stream.Msg().GetText())
@@ -122,7 +120,19 @@ func explainDenial(err error) error {
 			fmt.Fprintf(os.Stdout, "  RetryInfo.retry_delay: %v\n", retryInfo.GetRetryDelay().AsDuration())
 		}
 	}
-	fmt.Fprintf(os.Stdout, "  Retry-After: %q  RateLimit: %q  RateLimit-Policy: %q\n",
-		connectErr.Meta().Get("Retry-After"), connectErr.Meta().Get("RateLimit"), connectErr.Meta().Get("RateLimit-Policy"))
+	fmt.Fprintf(os.Stdout, "  Retry-After: %s  %s\n", orDash(connectErr.Meta().Get("Retry-After")), limitHeaders(connectErr.Meta()))
 	return nil
+}
+
+// limitHeaders formats the RateLimit and RateLimit-Policy headers of h.
+func limitHeaders(h http.Header) string {
+	return "RateLimit: " + orDash(h.Get("RateLimit")) + "  RateLimit-Policy: " + orDash(h.Get("RateLimit-Policy"))
+}
+
+// orDash returns s, or "-" if s is empty.
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
 }

@@ -30,8 +30,9 @@ const (
 	// defaultChunkTokens is the number of completion tokens per [Chunk]
 	// unless [WithChunkTokens] says otherwise.
 	defaultChunkTokens = 4
-	// minNaturalTokens and naturalTokensSpread bound the length a completion
-	// has when maxTokens does not cut it short: between 64 and 319 tokens.
+	// minNaturalTokens and naturalTokensSpread bound the length after which
+	// a completion ends at the next sentence end when maxTokens does not cut
+	// it short: between 64 and 319 tokens.
 	minNaturalTokens    = 64
 	naturalTokensSpread = 256
 )
@@ -52,7 +53,7 @@ type Usage struct {
 	// counts them.
 	PromptTokens int
 	// CompletionTokens is the number of tokens generated. It equals the sum
-	// of [Chunk.Tokens] over the chunks that were yielded.
+	// of [Chunk.Tokens] over the chunks that yield accepted.
 	CompletionTokens int
 	// TotalTokens is PromptTokens + CompletionTokens.
 	TotalTokens int
@@ -108,18 +109,19 @@ func CountTokens(text string) int {
 // Complete generates a completion for prompt and passes it to yield one
 // [Chunk] at a time, in order. It returns the [Usage] of the call.
 //
-// The completion is deterministic: the same prompt and maxTokens always give
-// the same chunks, and the completion for a smaller maxTokens is a prefix of
-// the completion for a larger one. Left alone, the model stops at the end of a
-// sentence after 64 to 319 tokens (depending on the prompt); it never emits
-// more than maxTokens completion tokens. maxTokens must be positive, or
+// The completion is deterministic: the same prompt, maxTokens and options
+// always give the same chunks, and the completion for a smaller maxTokens is a prefix of
+// the completion for a larger one. Left alone, the model stops at the end of
+// the first sentence that takes it past a prompt-dependent length of 64 to 319
+// tokens (so a completion has at most 335 tokens); it never emits more than
+// maxTokens completion tokens. maxTokens must be positive, or
 // Complete returns an error wrapping [ErrInvalidArgument] without calling
 // yield.
 //
 // Complete stops early if ctx is done (returning ctx's error) or if yield
 // returns an error (returning that error). In both cases the returned Usage
-// still counts the prompt and the chunks yielded so far, which is what a
-// caller should bill.
+// still counts the prompt and the chunks yield accepted (returned nil for) so
+// far, which is what a caller should bill.
 func (m *Model) Complete(ctx context.Context, prompt string, maxTokens int, yield func(Chunk) error) (Usage, error) {
 	if maxTokens <= 0 {
 		return Usage{}, fmt.Errorf("%w: maxTokens %d must be positive", ErrInvalidArgument, maxTokens)

@@ -1,0 +1,153 @@
+package bucket_test
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/connectlimit/connectlimit/bucket"
+)
+
+func TestNewLimit(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		capacity, rate float64
+		wantErr        string // empty: valid
+	}{
+		{10, 1, ""},
+		{0.5, 1e-9, ""},
+		{0, 1, "capacity must be a finite number greater than 0, got 0"},
+		{-1, 1, "capacity must be a finite number greater than 0, got -1"},
+		{math.NaN(), 1, "capacity must be a finite number greater than 0, got NaN"},
+		{math.Inf(1), 1, "capacity must be a finite number greater than 0, got +Inf"},
+		{1, 0, "refill_per_second must be a finite number greater than 0, got 0"},
+		{1, -2, "refill_per_second must be a finite number greater than 0, got -2"},
+		{1, math.NaN(), "refill_per_second must be a finite number greater than 0, got NaN"},
+		{1, math.Inf(-1), "refill_per_second must be a finite number greater than 0, got -Inf"},
+	} {
+		t.Run(fmt.Sprint(tc.capacity, "/", tc.rate), func(t *testing.T) {
+			t.Parallel()
+			l, err := bucket.NewLimit(tc.capacity, tc.rate)
+			if tc.wantErr == "" {
+				if err != nil || l.Capacity != tc.capacity || l.RefillPerSecond != tc.rate {
+					t.Fatalf("NewLimit = %+v, %v", l, err)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+				t.Fatalf("err = %v, want %q", err, tc.wantErr)
+			}
+		})
+	}
+}
+
+func TestRefillAndTimeToFull(t *testing.T) {
+	t.Parallel()
+	l := bucket.Limit{Capacity: 10, RefillPerSecond: 4}
+	for _, tc := range []struct {
+		tokens   float64
+		elapsed  time.Duration
+		want     float64
+		wantFull time.Duration
+	}{
+		{0, 0, 0, 2500 * time.Millisecond},
+		{0, 250 * time.Microsecond, 0.001, 2499750 * time.Microsecond},
+		{6, time.Second, 10, 0},
+		{6, time.Hour, 10, 0},
+		{-2, time.Second, 2, 2 * time.Second},
+		{5, -time.Second, 5, 1250 * time.Millisecond}, // a clock that stepped back
+	} {
+		got := l.Refill(tc.tokens, tc.elapsed)
+		if math.Abs(got-tc.want) > 1e-12 {
+			t.Errorf("Refill(%v, %v) = %v, want %v", tc.tokens, tc.elapsed, got, tc.want)
+		}
+		if full := l.TimeToFull(got); full != tc.wantFull {
+			t.Errorf("TimeToFull(%v) = %v, want %v", got, full, tc.wantFull)
+		}
+	}
+}
+
+func TestDecide(t *testing.T) {
+	t.Parallel()
+	lim := bucket.Limit{Capacity: 10, RefillPerSecond: 1}
+	for _, tc := range []struct {
+		name          string
+		mode          bucket.Mode
+		cost          []float64
+		tokens        []float64
+		wantAllowed   bool
+		wantRemaining []float64
+		wantRetry     time.Duration
+	}{
+		{"fits", bucket.ModeTake, []float64{4}, []float64{10}, true, []float64{6}, 0},
+		{"exactly empties", bucket.ModeTake, []float64{10}, []float64{10}, true, []float64{0}, 0},
+		{"float noise is tolerated", bucket.ModeTake, []float64{0.3}, []float64{0.1 + 0.2 - 1e-12}, true, []float64{-1e-12}, 0},
+		{"short by 2", bucket.ModeTake, []float64{5}, []float64{3}, false, []float64{3}, 2 * time.Second},
+		{"longest wait wins", bucket.ModeTake, []float64{5, 8}, []float64{3, 1}, false, []float64{3, 1}, 7 * time.Second},
+		{"one denies, none charged", bucket.ModeTake, []float64{1, 5}, []float64{10, 0}, false, []float64{10, 0}, 5 * time.Second},
+		{"over capacity has no wait", bucket.ModeTake, []float64{11, 5}, []float64{10, 0}, false, []float64{10, 0}, 0},
+		{"adjust into debt", bucket.ModeAdjust, []float64{15}, []float64{10}, true, []float64{-5}, 0},
+		{"refund capped at capacity", bucket.ModeAdjust, []float64{-7}, []float64{6}, true, []float64{10}, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			req := bucket.Request{Subject: "s", Mode: tc.mode}
+			for i, c := range tc.cost {
+				req.Charges = append(req.Charges, bucket.Charge{Bucket: fmt.Sprint("b", i), Limit: lim, Cost: c})
+			}
+			tokens := append([]float64(nil), tc.tokens...)
+			d := bucket.Decide(req, tokens)
+			if d.Allowed != tc.wantAllowed || d.RetryAfter != tc.wantRetry {
+				t.Fatalf("Decide = Allowed %v RetryAfter %v, want %v %v", d.Allowed, d.RetryAfter, tc.wantAllowed, tc.wantRetry)
+			}
+			for i, want := range tc.wantRemaining {
+				if math.Abs(d.Buckets[i].Remaining-want) > 1e-9 {
+					t.Errorf("Buckets[%d].Remaining = %v, want %v", i, d.Buckets[i].Remaining, want)
+				}
+			}
+			for i := range tokens {
+				if tokens[i] != tc.tokens[i] {
+					t.Fatal("Decide modified its tokens argument")
+				}
+			}
+		})
+	}
+}
+
+func TestDenying(t *testing.T) {
+	t.Parallel()
+	lim := bucket.Limit{Capacity: 10, RefillPerSecond: 1}
+	req := bucket.Request{Subject: "s", Charges: []bucket.Charge{
+		{Bucket: "ok", Limit: lim, Cost: 1},
+		{Bucket: "slow", Limit: lim, Cost: 9},
+		{Bucket: "fast", Limit: lim, Cost: 2},
+	}}
+	if b, ok := bucket.Decide(req, []float64{10, 0, 0}).Denying(); !ok || b.Bucket != "slow" {
+		t.Fatalf("Denying = %q, %v; want slow", b.Bucket, ok)
+	}
+	req.Charges[2].Cost = 20
+	if b, ok := bucket.Decide(req, []float64{10, 0, 0}).Denying(); !ok || b.Bucket != "fast" || !b.OverCapacity() {
+		t.Fatalf("Denying = %q, %v; want the over-capacity bucket", b.Bucket, ok)
+	}
+	if _, ok := bucket.Decide(req, []float64{10, 10, 10}).Denying(); !ok {
+		t.Fatal("over-capacity request not denied")
+	}
+	req.Charges = req.Charges[:1]
+	if _, ok := bucket.Decide(req, []float64{10}).Denying(); ok {
+		t.Fatal("allowed request reports a denying bucket")
+	}
+}
+
+func TestValidateWrapsErrInvalidRequest(t *testing.T) {
+	t.Parallel()
+	err := bucket.Request{}.Validate()
+	if !errors.Is(err, bucket.ErrInvalidRequest) {
+		t.Fatalf("err = %v, want ErrInvalidRequest", err)
+	}
+	if got := bucket.Mode(9).String(); got != "Mode(9)" {
+		t.Fatalf("Mode(9).String() = %q", got)
+	}
+}
