@@ -8,9 +8,18 @@
 // indistinguishable from one that was never used, so stores keep no state for
 // it.
 //
+// A [Request] may carry an ID, which makes it idempotent: a store applies at
+// most one request per subject and ID within [IdempotencyWindow], so that a
+// caller may resend a request whose reply it lost without charging twice.
+//
+// A store that also implements [LeaseStore] limits concurrency: at most
+// [LeaseRequest.Limit] leases of one subject and name are live at once,
+// each expiring [LeaseRequest.TTL] after it was last acquired, so that the
+// slots of a holder that died come back on their own.
+//
 // This package imports nothing but the standard library; the interceptor
-// talks to stores only through [Store], so it never knows whether the
-// buckets live in memory or in Redis.
+// talks to stores only through [Store] and [LeaseStore], so it never knows
+// whether the buckets live in memory or in Redis.
 package bucket
 
 import (
@@ -24,6 +33,18 @@ import (
 // MaxCharges is the largest number of buckets one [Request] may charge. It
 // bounds the work a single call can ask of a store.
 const MaxCharges = 16
+
+// MaxIDBytes is the longest [Request.ID] or [LeaseRequest.ID], in bytes. It
+// bounds the memory a store spends remembering IDs.
+const MaxIDBytes = 128
+
+// IdempotencyWindow is how long a store remembers the ID of a [Request] it
+// applied: a request with the same subject and ID that arrives less than
+// IdempotencyWindow later (on the store's clock) is a duplicate and is not
+// applied again; one that arrives later is applied as a new request. Ten
+// minutes is far longer than any retry of a lost reply takes, and short
+// enough that remembered IDs cost little memory.
+const IdempotencyWindow = 10 * time.Minute
 
 // tolerance absorbs floating-point noise when comparing a level with a cost,
 // so that a caller who waits exactly RetryAfter is allowed.
@@ -153,6 +174,20 @@ type Request struct {
 	Charges []Charge
 	// Mode says how the charges are applied; the zero value is [ModeTake].
 	Mode Mode
+	// ID, when set, makes the request idempotent: the store applies at most
+	// one request per (Subject, ID) within [IdempotencyWindow]. A repeat of
+	// an applied request is not applied again; it returns Allowed true with
+	// Duplicate true and the buckets' current levels, as a zero-cost read
+	// would (see [DecideDuplicate]). The store compares only Subject and
+	// ID, not the charges, so a repeat must carry the same charges to mean
+	// anything. An ID is recorded only when its request is applied: a
+	// denied ModeTake records nothing, and may be retried with the same ID.
+	//
+	// The empty ID (the default) turns idempotency off. An ID is at most
+	// [MaxIDBytes] bytes of any value; stores escape or hash it. It exists
+	// so that the interceptor can resend a settle (a [ModeAdjust] request)
+	// whose reply was lost without charging twice.
+	ID string
 }
 
 // Validate reports whether r is well formed. The error wraps
@@ -163,6 +198,9 @@ func (r Request) Validate() error {
 	}
 	if r.Mode != ModeTake && r.Mode != ModeAdjust {
 		return fmt.Errorf("%w: unknown mode %v", ErrInvalidRequest, r.Mode)
+	}
+	if len(r.ID) > MaxIDBytes {
+		return fmt.Errorf("%w: id is %d bytes, want at most %d", ErrInvalidRequest, len(r.ID), MaxIDBytes)
 	}
 	if len(r.Charges) == 0 || len(r.Charges) > MaxCharges {
 		return fmt.Errorf("%w: %d charges, want 1 to %d", ErrInvalidRequest, len(r.Charges), MaxCharges)
@@ -193,10 +231,14 @@ func (r Request) Validate() error {
 // tokens, asked for 5, denies with Remaining 2, RetryAfter 3s (when it will
 // hold 5) and ResetAfter 8s (when it will be full).
 type Decision struct {
-	// Allowed reports whether the request was applied. With ModeTake it is
-	// true only if every bucket could pay; with ModeAdjust it is always
-	// true.
+	// Allowed reports whether the request was applied, now or (for a
+	// Duplicate) earlier. With ModeTake it is true only if every bucket
+	// could pay; with ModeAdjust it is always true.
 	Allowed bool
+	// Duplicate reports that the request's [Request.ID] was already applied
+	// within [IdempotencyWindow], so this request changed nothing. Allowed
+	// is then true, and Buckets hold the current levels.
+	Duplicate bool
 	// RetryAfter is, for a denied request, how long until every bucket can
 	// pay its cost, assuming nobody else takes from them. It is zero when
 	// the request was allowed, and also when it can never be allowed
@@ -306,6 +348,29 @@ func Decide(req Request, tokens []float64) Decision {
 	return d
 }
 
+// DecideDuplicate is the decision for a repeat of an applied request (see
+// [Request.ID]): given the current level of each of its buckets, as for
+// [Decide], it returns an allowed Decision with Duplicate set, in which
+// each bucket reports the request's Cost but is charged nothing: Remaining
+// is the current level and ResetAfter the time until full, as a zero-cost
+// read would report them. Unlike such a read, every bucket reports Allowed,
+// even one in debt, since the request was applied when it was first made.
+// It does not read a clock, and it does not modify tokens.
+func DecideDuplicate(req Request, tokens []float64) Decision {
+	d := Decision{Allowed: true, Duplicate: true, Buckets: make([]BucketState, len(req.Charges))}
+	for i, c := range req.Charges {
+		d.Buckets[i] = BucketState{
+			Bucket:     c.Bucket,
+			Limit:      c.Limit,
+			Cost:       c.Cost,
+			Allowed:    true,
+			Remaining:  tokens[i],
+			ResetAfter: c.Limit.TimeToFull(tokens[i]),
+		}
+	}
+	return d
+}
+
 // Store decides [Request]s against buckets it keeps. Implementations are
 // safe for concurrent use, apply each request atomically (all of its
 // charges or none), and decide with their own notion of the present (an
@@ -316,7 +381,101 @@ func Decide(req Request, tokens []float64) Decision {
 // with Allowed false. When Take returns an error, no bucket was changed,
 // unless the backend failed after applying it and could not say so (a
 // lost reply); callers that must not double-charge treat such errors as
-// "unknown".
+// "unknown"; a request with an [Request.ID] can then be resent safely.
 type Store interface {
 	Take(ctx context.Context, req Request) (Decision, error)
+}
+
+// LeaseRequest asks a [LeaseStore] for one of Limit concurrent slots of a
+// subject's named concurrency limit.
+type LeaseRequest struct {
+	// Subject is who holds the lease, by the rules of [Request.Subject]:
+	// any non-empty string.
+	Subject string
+	// Name is the concurrency limit's name, e.g. "generate_streams": any
+	// non-empty string. Leases of different names never share slots, and
+	// a lease named like a bucket is unrelated to it.
+	Name string
+	// Limit is how many leases of (Subject, Name) may be live at once,
+	// >= 1. It is read at each Acquire, so it can change between calls: a
+	// smaller Limit denies new leases until enough holders release, but
+	// never revokes a live lease, and its holder may still renew it.
+	Limit int
+	// ID names this lease, unique per call: 1 to [MaxIDBytes] bytes of any
+	// value. Acquiring with the ID of a live lease of (Subject, Name)
+	// renews it; its holder then still holds one slot, not two.
+	ID string
+	// TTL is how long the lease lives after it was acquired or last
+	// renewed, > 0: a holder that dies without releasing frees its slot
+	// TTL later. Stores may round it up to a microsecond.
+	TTL time.Duration
+}
+
+// Validate reports whether r is well formed. The error wraps
+// [ErrInvalidRequest] and names the offending field and value.
+func (r LeaseRequest) Validate() error {
+	if err := ValidateLease(r.Subject, r.Name, r.ID); err != nil {
+		return err
+	}
+	if r.Limit < 1 {
+		return fmt.Errorf("%w: lease limit must be at least 1, got %d", ErrInvalidRequest, r.Limit)
+	}
+	if r.TTL <= 0 {
+		return fmt.Errorf("%w: lease ttl must be greater than 0, got %v", ErrInvalidRequest, r.TTL)
+	}
+	return nil
+}
+
+// ValidateLease reports whether subject, name and id can name a lease, by
+// the rules of [LeaseRequest]. Stores check the arguments of
+// [LeaseStore.Release] with it. The error wraps [ErrInvalidRequest] and
+// names the offending field and value.
+func ValidateLease(subject, name, id string) error {
+	switch {
+	case subject == "":
+		return fmt.Errorf("%w: lease subject is empty", ErrInvalidRequest)
+	case name == "":
+		return fmt.Errorf("%w: lease name is empty", ErrInvalidRequest)
+	case id == "":
+		return fmt.Errorf("%w: lease id is empty", ErrInvalidRequest)
+	case len(id) > MaxIDBytes:
+		return fmt.Errorf("%w: lease id is %d bytes, want 1 to %d", ErrInvalidRequest, len(id), MaxIDBytes)
+	}
+	return nil
+}
+
+// LeaseDecision is a [LeaseStore]'s answer to a [LeaseRequest]. A denial is
+// a LeaseDecision with Acquired false, never an error.
+type LeaseDecision struct {
+	// Acquired reports whether the caller holds the lease, newly acquired
+	// or renewed, until it releases it or TTL passes without a renewal.
+	Acquired bool
+	// InUse is how many leases of (Subject, Name) are live after the
+	// decision, this one included if acquired. Expired leases never count.
+	// It may exceed Limit after Limit was lowered.
+	InUse int
+	// Limit is the request's Limit.
+	Limit int
+}
+
+// LeaseStore is implemented by stores that can also limit concurrency: at
+// most [LeaseRequest.Limit] live leases per subject and name, shared by
+// every process that uses the same backend, each expiring unless renewed.
+// Implementations are safe for concurrent use, decide each call atomically,
+// and read the present from the same clock as their [Store.Take].
+//
+// Acquire and Release return an error only when the request is malformed
+// (wrapping [ErrInvalidRequest]) or the backend failed; a denial is a
+// [LeaseDecision] with Acquired false. Acquire is idempotent while the lease
+// is live (a repeat renews it), so a caller may resend it after a lost
+// reply; it should Release the ID if it gives up.
+type LeaseStore interface {
+	// Acquire acquires or renews the lease req.ID of (req.Subject,
+	// req.Name) if it is live or a slot is free, and reports how many
+	// leases are live. Renewing a lease that has expired is acquiring it
+	// anew: it fails if its slot was taken meanwhile.
+	Acquire(ctx context.Context, req LeaseRequest) (LeaseDecision, error)
+	// Release ends the lease id of (subject, name), freeing its slot.
+	// Releasing an unknown or expired lease is not an error.
+	Release(ctx context.Context, subject, name, id string) error
 }

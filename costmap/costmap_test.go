@@ -1,6 +1,7 @@
 package costmap_test
 
 import (
+	"math"
 	"strings"
 	"testing"
 
@@ -12,6 +13,15 @@ import (
 	"github.com/connectlimit/connectlimit/internal/prototest"
 	connectlimitv1 "github.com/connectlimit/connectlimit/proto/connectlimit/v1"
 )
+
+func defaultTier(t *testing.T, m *costmap.Map) *costmap.Tier {
+	t.Helper()
+	tier, err := m.Tier("", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tier
+}
 
 func baseConfig() costmap.Config {
 	return costmap.Config{Buckets: map[string]costmap.BucketConfig{
@@ -74,14 +84,18 @@ func TestLookup(t *testing.T) {
 				return
 			}
 			want := bucket.Charge{Bucket: tc.wantBucket, Limit: tc.wantLimit, Cost: tc.wantCost}
-			if rule == nil || len(rule.Charges) != 1 || rule.Charges[0] != want {
-				t.Fatalf("Lookup(%s) = %+v, want one charge %+v", tc.method, rule, want)
+			if rule == nil {
+				t.Fatalf("Lookup(%s) = nil, want one charge %+v", tc.method, want)
+			}
+			charges, err := rule.Charges(defaultTier(t, m), nil)
+			if err != nil || len(charges) != 1 || charges[0] != want {
+				t.Fatalf("Charges = %+v, %v; want one charge %+v", charges, err, want)
 			}
 			if wantProc := "/test.v1.TestService/" + tc.method; rule.Procedure != wantProc {
 				t.Fatalf("Procedure = %q, want %q", rule.Procedure, wantProc)
 			}
-			if got := m.LookupProcedure(rule.Procedure); got != rule {
-				t.Fatalf("LookupProcedure after Lookup = %+v, want the same rule", got)
+			if got, err := m.LookupProcedure(rule.Procedure); got != rule || err != nil {
+				t.Fatalf("LookupProcedure after Lookup = %+v, %v; want the same rule", got, err)
 			}
 		})
 	}
@@ -97,6 +111,7 @@ func TestNewRejectsBadAnnotations(t *testing.T) {
 		{"unknown bucket", prototest.Limit("generat", nil), []string{"/test.v1.TestService/M", `"generat"`, "declared: generate, search"}},
 		{"empty bucket", prototest.Limit("", nil), []string{"/test.v1.TestService/M", "bucket is empty"}},
 		{"zero cost", prototest.Limit("search", proto.Float64(0)), []string{"cost", "got 0"}},
+		{"NaN cost", prototest.Limit("search", proto.Float64(math.NaN())), []string{"cost", "got NaN"}},
 		{"negative cost", prototest.Limit("search", proto.Float64(-3)), []string{"cost", "got -3"}},
 		{"cost over capacity", prototest.Limit("search", proto.Float64(61)), []string{"/test.v1.TestService/M", "61", "holds at most 60", "could ever be allowed"}},
 	} {
@@ -124,14 +139,18 @@ func TestLookupResolvesLazily(t *testing.T) {
 		t.Fatal(err)
 	}
 	svc := prototest.NewService(t, prototest.Method{Name: "Good", Limit: prototest.Limit("generate", proto.Float64(3))}, prototest.Method{Name: "Bad", Limit: prototest.Limit("nope", nil)})
-	if r, err := m.Lookup(svc.Methods().ByName("Good")); err != nil || r == nil || r.Charges[0].Cost != 3 {
+	r, err := m.Lookup(svc.Methods().ByName("Good"))
+	if err != nil || r == nil {
 		t.Fatalf("Lookup(Good) = %+v, %v", r, err)
+	}
+	if charges, _ := r.Charges(defaultTier(t, m), nil); charges[0].Cost != 3 {
+		t.Fatalf("Good costs %+v, want 3", charges)
 	}
 	if _, err := m.Lookup(svc.Methods().ByName("Bad")); err == nil || !strings.Contains(err.Error(), `"nope"`) {
 		t.Fatalf("Lookup(Bad) error = %v, want one naming the bucket", err)
 	}
-	if r := m.LookupProcedure("/test.v1.TestService/Unknown"); r != nil {
-		t.Fatalf("LookupProcedure(unknown) = %+v, want nil", r)
+	if r, err := m.LookupProcedure("/test.v1.TestService/Unknown"); r != nil || err != nil {
+		t.Fatalf("LookupProcedure(unknown) = %+v, %v; want nil, nil", r, err)
 	}
 }
 

@@ -17,12 +17,37 @@ const hashMarker = "#"
 // beyond any birthday bound, and a whole number of base64 characters (24).
 const hashBytes = 18
 
-// key returns the key of one bucket from its already escaped parts. The
-// subject is the hash tag, so all buckets of one subject share a Cluster
-// slot, and since an escaped subject has no braces, the first "}" ends it:
-// distinct (subject, bucket) pairs never share a key.
+// Every key is "<prefix>:{<subject>}" followed by a separator that says
+// what it holds and the rest of its name, all escaped. The subject is the
+// hash tag, so all keys of one subject share a Cluster slot, and since an
+// escaped prefix or subject has no braces, the first "{" and "}" delimit
+// it: keys that differ in prefix, subject, kind or name never coincide.
+const (
+	// bucketSep follows the subject in a bucket's key.
+	bucketSep = "}:"
+	// idSep follows the subject in a request ID's marker key. It differs
+	// from bucketSep right after the "}", so no marker equals a bucket key.
+	idSep = "}~id:"
+	// leaseSep follows the subject in a lease set's key. It differs from
+	// idSep right after the "~".
+	leaseSep = "}~lease:"
+)
+
+// key returns the key of one bucket from its already escaped parts.
 func key(prefix, subject, bucketName string) string {
-	return prefix + ":{" + subject + "}:" + bucketName
+	return prefix + ":{" + subject + bucketSep + bucketName
+}
+
+// idKey returns the marker key of one request ID from its already escaped
+// parts.
+func idKey(prefix, subject, id string) string {
+	return prefix + ":{" + subject + idSep + id
+}
+
+// leaseKey returns the key of the lease set of one subject and lease name
+// from their already escaped parts.
+func leaseKey(prefix, subject, name string) string {
+	return prefix + ":{" + subject + leaseSep + name
 }
 
 // escape returns s if it is short and made only of characters that cannot

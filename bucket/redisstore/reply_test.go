@@ -1,6 +1,7 @@
 package redisstore
 
 import (
+	"fmt"
 	"math"
 	"strings"
 	"testing"
@@ -12,17 +13,19 @@ func TestParseReply(t *testing.T) {
 		name        string
 		reply       []any
 		n           int
-		wantApplied bool
+		wantVerdict verdict
 		wantLevels  []float64
 		wantErr     string
 	}{
-		{name: "applied", reply: []any{int64(1), "2.5", "-0.25"}, n: 2, wantApplied: true, wantLevels: []float64{2.5, -0.25}},
-		{name: "denied", reply: []any{int64(0), "0.10000000000000001"}, n: 1, wantLevels: []float64{0.1}},
-		{name: "debt beyond float range", reply: []any{int64(1), "-inf"}, n: 1, wantApplied: true, wantLevels: []float64{math.Inf(-1)}},
+		{name: "applied", reply: []any{int64(1), "2.5", "-0.25"}, n: 2, wantVerdict: applied, wantLevels: []float64{2.5, -0.25}},
+		{name: "denied", reply: []any{int64(0), "0.10000000000000001"}, n: 1, wantVerdict: denied, wantLevels: []float64{0.1}},
+		{name: "duplicate", reply: []any{int64(2), "-3", "7"}, n: 2, wantVerdict: duplicate, wantLevels: []float64{-3, 7}},
+		{name: "debt beyond float range", reply: []any{int64(1), "-inf"}, n: 1, wantVerdict: applied, wantLevels: []float64{math.Inf(-1)}},
 		{name: "too short", reply: []any{int64(1)}, n: 1, wantErr: "1 elements, want 2"},
 		{name: "too long", reply: []any{int64(1), "1", "2"}, n: 1, wantErr: "3 elements, want 2"},
-		{name: "flag not integer", reply: []any{"1", "1"}, n: 1, wantErr: "applied flag is string"},
-		{name: "flag out of range", reply: []any{int64(2), "1"}, n: 1, wantErr: "applied flag is int64 2"},
+		{name: "verdict not integer", reply: []any{"1", "1"}, n: 1, wantErr: "verdict is string"},
+		{name: "verdict out of range", reply: []any{int64(3), "1"}, n: 1, wantErr: "verdict is int64 3"},
+		{name: "verdict negative", reply: []any{int64(-1), "1"}, n: 1, wantErr: "verdict is int64 -1"},
 		{name: "level truncated to integer", reply: []any{int64(1), int64(3)}, n: 1, wantErr: "level 0 is int64"},
 		{name: "level not a number", reply: []any{int64(1), "1", "x"}, n: 2, wantErr: `level 1 is "x"`},
 		{name: "level NaN", reply: []any{int64(1), "nan"}, n: 1, wantErr: `level 0 is "nan"`},
@@ -30,7 +33,7 @@ func TestParseReply(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
-			applied, levels, err := parseReply(tc.reply, tc.n)
+			got, levels, err := parseReply(tc.reply, tc.n)
 			if tc.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
 					t.Fatalf("parseReply(%v) error = %v, want one containing %q", tc.reply, err, tc.wantErr)
@@ -40,8 +43,8 @@ func TestParseReply(t *testing.T) {
 			if err != nil {
 				t.Fatalf("parseReply(%v): %v", tc.reply, err)
 			}
-			if applied != tc.wantApplied {
-				t.Errorf("applied = %v, want %v", applied, tc.wantApplied)
+			if got != tc.wantVerdict {
+				t.Errorf("verdict = %v, want %v", got, tc.wantVerdict)
 			}
 			if len(levels) != len(tc.wantLevels) {
 				t.Fatalf("levels = %v, want %v", levels, tc.wantLevels)
@@ -52,6 +55,70 @@ func TestParseReply(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+func TestParseLeaseReply(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name         string
+		reply        []any
+		wantAcquired bool
+		wantInUse    int
+		wantErr      string
+	}{
+		{name: "acquired", reply: []any{int64(1), int64(3)}, wantAcquired: true, wantInUse: 3},
+		{name: "denied", reply: []any{int64(0), int64(5)}, wantInUse: 5},
+		{name: "released", reply: []any{int64(0), int64(0)}},
+		{name: "too short", reply: []any{int64(1)}, wantErr: "1 elements, want 2"},
+		{name: "too long", reply: []any{int64(1), int64(1), int64(1)}, wantErr: "3 elements, want 2"},
+		{name: "flag not integer", reply: []any{"1", int64(1)}, wantErr: "acquired flag is string"},
+		{name: "flag out of range", reply: []any{int64(2), int64(1)}, wantErr: "acquired flag is int64 2"},
+		{name: "count not integer", reply: []any{int64(1), "1"}, wantErr: "in-use count is string"},
+		{name: "acquired but none in use", reply: []any{int64(1), int64(0)}, wantErr: "in-use count is int64 0"},
+		{name: "negative count", reply: []any{int64(0), int64(-1)}, wantErr: "in-use count is int64 -1"},
+		{name: "nil count", reply: []any{int64(0), nil}, wantErr: "in-use count is <nil>"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			acquired, inUse, err := parseLeaseReply(tc.reply)
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("parseLeaseReply(%v) error = %v, want one containing %q", tc.reply, err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("parseLeaseReply(%v): %v", tc.reply, err)
+			}
+			if acquired != tc.wantAcquired || inUse != tc.wantInUse {
+				t.Fatalf("parseLeaseReply(%v) = %v, %d; want %v, %d", tc.reply, acquired, inUse, tc.wantAcquired, tc.wantInUse)
+			}
+		})
+	}
+}
+
+func TestKeyKindsAreDistinct(t *testing.T) {
+	t.Parallel()
+	// Whatever the names, once escaped, a bucket key, an ID marker and a
+	// lease set of the same or different subjects never coincide, even
+	// when the names look like other keys' tails.
+	names := []string{"a", "id:a", "lease:a", "~id:a", "}~id:a", ":a", "a:b", "}:a", "a}~lease:b", "{x}", escape("x")}
+	seen := map[string]string{}
+	for _, subj := range []string{"s", "s}", "s:", "s}~id:", "s}:", escape("s}")} {
+		for _, name := range names {
+			for kind, k := range map[string]string{
+				"bucket": key("p", escape(subj), escape(name)),
+				"id":     idKey("p", escape(subj), escape(name)),
+				"lease":  leaseKey("p", escape(subj), escape(name)),
+			} {
+				what := fmt.Sprintf("%s of subject %q named %q", kind, subj, name)
+				if prev, ok := seen[k]; ok {
+					t.Fatalf("%s and %s share the key %q", prev, what, k)
+				}
+				seen[k] = what
+			}
+		}
 	}
 }
 

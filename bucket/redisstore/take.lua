@@ -1,16 +1,21 @@
--- take.lua charges one subject's token buckets, all or nothing. It is the
--- Redis half of bucket.Decide: same refill, same tolerance, same results.
+-- take.lua charges one subject's token buckets, all or nothing, at most
+-- once per request ID. It is the Redis half of bucket.Decide: same refill,
+-- same tolerance, same results.
 --
--- KEYS[i]        bucket i's key; all keys share one {hash tag} (the subject),
---                so that the script runs on Redis Cluster.
+-- KEYS[i]        bucket i's key, for i = 1..n.
+-- KEYS[n+1]      the request ID's marker key, present only when the request
+--                has an ID. All keys share one {hash tag} (the subject), so
+--                that the script runs on Redis Cluster.
 -- ARGV[1]        "take" or "adjust" (bucket.Mode's names).
 -- ARGV[2]        the present in integer microseconds since the Unix epoch, or
 --                "" to read the server's clock with TIME. Production always
 --                sends ""; only tests send an instant, and then keys get no
 --                TTL: it would run on the server's real clock, not the test's,
 --                and could end a bucket the test still reads.
--- ARGV[3i..3i+2] bucket i's capacity, refill per second and cost, as numbers
---                formatted by Go's strconv.FormatFloat(f, 'g', -1, 64).
+-- ARGV[3]        the idempotency window in integer microseconds when KEYS
+--                holds a marker key, else "".
+-- ARGV[3i+1..3i+3] bucket i's capacity, refill per second and cost, as
+--                numbers formatted by Go's strconv.FormatFloat(f, 'g', -1, 64).
 --
 -- A bucket key holds the string "<tokens> <at>": its level in tokens (%.17g,
 -- so it round-trips exactly) at instant <at> in integer microseconds. A
@@ -19,16 +24,34 @@
 -- millisecond, so that idle subjects cost no memory and a key never expires
 -- before it would have been full anyway.
 --
--- Returns {applied, level_1, ..., level_n}: applied is 1 if the charges were
--- written and 0 if the request was denied (nothing written); level_i is
--- bucket i's level refilled to the present, before this request's charge, as
--- a %.17g string, because Redis would truncate a Lua number to an integer.
--- Errors are returned before anything is written.
+-- A marker key holds "<expires>", the instant in integer microseconds until
+-- which its ID counts as applied. The script compares it with the present
+-- (so that a test clock sees it expire), and on the server's clock also
+-- sets the window as the key's TTL, so that the marker disappears when it
+-- no longer counts. It is written only when the request is applied.
+--
+-- Returns {status, level_1, ..., level_n}: status is 1 if the charges were
+-- written, 0 if the request was denied (nothing written), and 2 if the
+-- request is a duplicate of one applied within the window (nothing
+-- written); level_i is bucket i's level refilled to the present, before
+-- this request's charge, as a %.17g string, because Redis would truncate a
+-- Lua number to an integer. Errors are returned before anything is written.
 
+local has_id = ARGV[3] ~= nil and ARGV[3] ~= ''
 local n = #KEYS
-if n == 0 or #ARGV ~= 2 + 3 * n then
-  return redis.error_reply('ERR connectlimit take.lua: want at least one key and 2+3*keys arguments, got '
-    .. n .. ' keys and ' .. #ARGV .. ' arguments')
+if has_id then
+  n = n - 1
+end
+if n < 1 or #ARGV ~= 3 + 3 * n then
+  return redis.error_reply('ERR connectlimit take.lua: want at least one bucket key and 3+3*buckets arguments, got '
+    .. #KEYS .. ' keys and ' .. #ARGV .. ' arguments')
+end
+local window
+if has_id then
+  window = tonumber(ARGV[3])
+  if not window or window <= 0 then
+    return redis.error_reply('ERR connectlimit take.lua: window is not a positive number: ' .. ARGV[3])
+  end
 end
 
 local mode = ARGV[1]
@@ -55,7 +78,7 @@ local max_ttl_ms = 1e15
 local capacity, rate, cost, level = {}, {}, {}, {}
 local applied = true
 for i = 1, n do
-  local c, r, x = tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1]), tonumber(ARGV[3 * i + 2])
+  local c, r, x = tonumber(ARGV[3 * i + 1]), tonumber(ARGV[3 * i + 2]), tonumber(ARGV[3 * i + 3])
   if not (c and r and x) then
     return redis.error_reply('ERR connectlimit take.lua: bucket ' .. i .. ': capacity, rate or cost is not a number')
   end
@@ -91,6 +114,24 @@ local reply = {0}
 for i = 1, n do
   reply[i + 1] = string.format('%.17g', level[i])
 end
+
+-- The ID is checked before the decision counts: a duplicate is reported as
+-- such even if its buckets could not pay now.
+local marker = KEYS[n + 1]
+if has_id then
+  local stored = redis.call('GET', marker)
+  if stored then
+    local expires = tonumber(stored)
+    if not expires or expires ~= expires then
+      return redis.error_reply('ERR connectlimit take.lua: malformed id marker value at key ' .. marker)
+    end
+    if now < expires then
+      reply[1] = 2
+      return reply
+    end
+  end
+end
+
 if not applied then
   return reply
 end
@@ -113,6 +154,14 @@ for i = 1, n do
       ms = 1
     end
     redis.call('SET', KEYS[i], string.format('%.17g %.0f', after, now), 'PX', string.format('%.0f', ms))
+  end
+end
+if has_id then
+  local expires = string.format('%.0f', now + window)
+  if server_clock then
+    redis.call('SET', marker, expires, 'PX', string.format('%.0f', math.ceil(window / 1000)))
+  else
+    redis.call('SET', marker, expires)
   end
 end
 reply[1] = 1

@@ -10,6 +10,7 @@ import (
 	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/reflect/protoregistry"
 	"google.golang.org/protobuf/types/descriptorpb"
+	"google.golang.org/protobuf/types/dynamicpb"
 	_ "google.golang.org/protobuf/types/known/wrapperspb" // registers wrappers.proto
 
 	connectlimitv1 "github.com/connectlimit/connectlimit/proto/connectlimit/v1"
@@ -23,6 +24,11 @@ type Method struct {
 	Limit *connectlimitv1.Limit
 	// ServerStreaming makes the method return a stream.
 	ServerStreaming bool
+	// ClientStreaming makes the method take a stream.
+	ClientStreaming bool
+	// Report makes the method take a test.v1.ReportRequest and return a
+	// test.v1.ReportResponse instead of google.protobuf.StringValue.
+	Report bool
 }
 
 // Limit returns an annotation for bucketName; a nil cost leaves it unset.
@@ -36,11 +42,16 @@ func NewService(tb testing.TB, methods ...Method) protoreflect.ServiceDescriptor
 	tb.Helper()
 	svc := &descriptorpb.ServiceDescriptorProto{Name: proto.String("TestService")}
 	for _, m := range methods {
+		in, out := ".google.protobuf.StringValue", ".google.protobuf.StringValue"
+		if m.Report {
+			in, out = ".test.v1.ReportRequest", ".test.v1.ReportResponse"
+		}
 		md := &descriptorpb.MethodDescriptorProto{
 			Name:            proto.String(m.Name),
-			InputType:       proto.String(".google.protobuf.StringValue"),
-			OutputType:      proto.String(".google.protobuf.StringValue"),
+			InputType:       proto.String(in),
+			OutputType:      proto.String(out),
 			ServerStreaming: proto.Bool(m.ServerStreaming),
+			ClientStreaming: proto.Bool(m.ClientStreaming),
 		}
 		if m.Limit != nil {
 			md.Options = &descriptorpb.MethodOptions{}
@@ -54,9 +65,54 @@ func NewService(tb testing.TB, methods ...Method) protoreflect.ServiceDescriptor
 		Syntax:     proto.String("proto3"),
 		Dependency: []string{"google/protobuf/wrappers.proto"},
 		Service:    []*descriptorpb.ServiceDescriptorProto{svc},
+		MessageType: []*descriptorpb.DescriptorProto{
+			message("ReportRequest", field("topic", 1, descriptorpb.FieldDescriptorProto_TYPE_STRING, ""), field("max_tokens", 2, descriptorpb.FieldDescriptorProto_TYPE_INT32, "")),
+			message("ReportResponse", field("text", 1, descriptorpb.FieldDescriptorProto_TYPE_STRING, ""), field("tokens", 2, descriptorpb.FieldDescriptorProto_TYPE_INT32, ""), field("usage", 3, descriptorpb.FieldDescriptorProto_TYPE_MESSAGE, ".test.v1.Usage")),
+			message("Usage", field("prompt_tokens", 1, descriptorpb.FieldDescriptorProto_TYPE_INT32, ""), field("completion_tokens", 2, descriptorpb.FieldDescriptorProto_TYPE_INT32, ""), field("total_tokens", 3, descriptorpb.FieldDescriptorProto_TYPE_INT32, "")),
+		},
 	}, protoregistry.GlobalFiles)
 	if err != nil {
 		tb.Fatal(err)
 	}
 	return fd.Services().Get(0)
+}
+
+// ReportRequest returns a test.v1.ReportRequest of the service's file.
+func ReportRequest(sd protoreflect.ServiceDescriptor, topic string, maxTokens int32) *dynamicpb.Message {
+	msg := dynamicpb.NewMessage(sd.ParentFile().Messages().ByName("ReportRequest"))
+	fields := msg.Descriptor().Fields()
+	msg.Set(fields.ByName("topic"), protoreflect.ValueOfString(topic))
+	msg.Set(fields.ByName("max_tokens"), protoreflect.ValueOfInt32(maxTokens))
+	return msg
+}
+
+// ReportResponse returns a test.v1.ReportResponse of the service's file
+// with tokens set and, when total > 0, a usage with that total_tokens.
+func ReportResponse(sd protoreflect.ServiceDescriptor, tokens, total int32) *dynamicpb.Message {
+	msg := dynamicpb.NewMessage(sd.ParentFile().Messages().ByName("ReportResponse"))
+	fields := msg.Descriptor().Fields()
+	msg.Set(fields.ByName("tokens"), protoreflect.ValueOfInt32(tokens))
+	if total > 0 {
+		usage := msg.Mutable(fields.ByName("usage")).Message()
+		usage.Set(usage.Descriptor().Fields().ByName("total_tokens"), protoreflect.ValueOfInt32(total))
+	}
+	return msg
+}
+
+func message(name string, fields ...*descriptorpb.FieldDescriptorProto) *descriptorpb.DescriptorProto {
+	return &descriptorpb.DescriptorProto{Name: proto.String(name), Field: fields}
+}
+
+func field(name string, number int32, typ descriptorpb.FieldDescriptorProto_Type, typeName string) *descriptorpb.FieldDescriptorProto {
+	f := &descriptorpb.FieldDescriptorProto{
+		Name:     proto.String(name),
+		JsonName: proto.String(name),
+		Number:   proto.Int32(number),
+		Label:    descriptorpb.FieldDescriptorProto_LABEL_OPTIONAL.Enum(),
+		Type:     typ.Enum(),
+	}
+	if typeName != "" {
+		f.TypeName = proto.String(typeName)
+	}
+	return f
 }

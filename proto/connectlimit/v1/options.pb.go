@@ -6,12 +6,24 @@
 
 // Package connectlimit.v1 declares how a Connect procedure is rate limited.
 //
-// Annotate a method with the limit extension:
+// Annotate a method with the limit extension. A fixed cost:
+//
+//   rpc Search(SearchRequest) returns (SearchResponse) {
+//     option (connectlimit.v1.limit) = { bucket: "search" cost: 1 };
+//   }
+//
+// Several buckets, a cost estimated from the request and settled to the
+// actual usage reported in the response, and a concurrency limit:
 //
 //   rpc GenerateReport(GenerateReportRequest) returns (stream GenerateReportResponse) {
 //     option (connectlimit.v1.limit) = {
-//       bucket: "generate"
-//       cost: 50
+//       charges: { bucket: "generate_requests" cost: 1 }
+//       charges: {
+//         bucket: "generate_tokens"
+//         estimate: "size(request.topic) / 4 + request.max_tokens"
+//         actual: "response.tokens"
+//       }
+//       concurrency: "generate_streams"
 //     };
 //   }
 //
@@ -37,17 +49,27 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
-// Limit is the rate limit declared on one procedure.
+// Limit is the rate limit declared on one procedure. A call draws from every
+// bucket it names (bucket, and each of charges) all or nothing: if one bucket
+// cannot pay, none is charged and the call is denied.
 type Limit struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// bucket names a bucket declared in the configuration file, for example
 	// "search" or "generate". It must match [a-z0-9_.-]{1,64}. Every identity
-	// has its own instance of each bucket.
+	// has its own instance of each bucket. It is shorthand for a charge with
+	// this bucket and cost.
 	Bucket string `protobuf:"bytes,1,opt,name=bucket,proto3" json:"bucket,omitempty"`
-	// cost is the number of tokens one call takes from the bucket. Fractions are
+	// cost is the number of tokens one call takes from bucket. Fractions are
 	// allowed. When unset, a call costs 1 token. Zero, negative, NaN and
 	// infinite values are rejected when the interceptor is built.
-	Cost          *float64 `protobuf:"fixed64,2,opt,name=cost,proto3,oneof" json:"cost,omitempty"`
+	Cost *float64 `protobuf:"fixed64,2,opt,name=cost,proto3,oneof" json:"cost,omitempty"`
+	// charges lists buckets the call draws from, each with its own cost. A
+	// bucket may appear once per procedure.
+	Charges []*Charge `protobuf:"bytes,3,rep,name=charges,proto3" json:"charges,omitempty"`
+	// concurrency names a concurrency limit declared in the configuration
+	// file: at most that many calls of one identity to this procedure run at
+	// once, across every server sharing the store.
+	Concurrency   string `protobuf:"bytes,4,opt,name=concurrency,proto3" json:"concurrency,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -96,6 +118,103 @@ func (x *Limit) GetCost() float64 {
 	return 0
 }
 
+func (x *Limit) GetCharges() []*Charge {
+	if x != nil {
+		return x.Charges
+	}
+	return nil
+}
+
+func (x *Limit) GetConcurrency() string {
+	if x != nil {
+		return x.Concurrency
+	}
+	return ""
+}
+
+// Charge is what a call costs in one bucket.
+type Charge struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// bucket names a bucket declared in the configuration file.
+	Bucket string `protobuf:"bytes,1,opt,name=bucket,proto3" json:"bucket,omitempty"`
+	// cost is a fixed cost in tokens, > 0. When neither cost nor estimate is
+	// set, a call costs 1 token.
+	Cost *float64 `protobuf:"fixed64,2,opt,name=cost,proto3,oneof" json:"cost,omitempty"`
+	// estimate is a CEL expression over `request` (the request message) giving
+	// the tokens to reserve before the handler runs, for example
+	// "size(request.topic) / 4 + request.max_tokens". It must have type int,
+	// uint or double and must not be set with cost. For client and bidi
+	// streams it is evaluated on, and charged for, every received message.
+	Estimate string `protobuf:"bytes,3,opt,name=estimate,proto3" json:"estimate,omitempty"`
+	// actual is a CEL expression over `response` (a response message) giving
+	// the tokens a call really used, for example "response.usage.total_tokens".
+	// When set, the call's reservation is settled to it: refunded if the call
+	// used less, charged extra if it used more. On a server stream it is
+	// evaluated on every message sent and summed, for example
+	// "response.tokens".
+	Actual        string `protobuf:"bytes,4,opt,name=actual,proto3" json:"actual,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Charge) Reset() {
+	*x = Charge{}
+	mi := &file_connectlimit_v1_options_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Charge) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Charge) ProtoMessage() {}
+
+func (x *Charge) ProtoReflect() protoreflect.Message {
+	mi := &file_connectlimit_v1_options_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Charge.ProtoReflect.Descriptor instead.
+func (*Charge) Descriptor() ([]byte, []int) {
+	return file_connectlimit_v1_options_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *Charge) GetBucket() string {
+	if x != nil {
+		return x.Bucket
+	}
+	return ""
+}
+
+func (x *Charge) GetCost() float64 {
+	if x != nil && x.Cost != nil {
+		return *x.Cost
+	}
+	return 0
+}
+
+func (x *Charge) GetEstimate() string {
+	if x != nil {
+		return x.Estimate
+	}
+	return ""
+}
+
+func (x *Charge) GetActual() string {
+	if x != nil {
+		return x.Actual
+	}
+	return ""
+}
+
 var file_connectlimit_v1_options_proto_extTypes = []protoimpl.ExtensionInfo{
 	{
 		ExtendedType:  (*descriptorpb.MethodOptions)(nil),
@@ -121,10 +240,18 @@ var File_connectlimit_v1_options_proto protoreflect.FileDescriptor
 
 const file_connectlimit_v1_options_proto_rawDesc = "" +
 	"\n" +
-	"\x1dconnectlimit/v1/options.proto\x12\x0fconnectlimit.v1\x1a google/protobuf/descriptor.proto\"A\n" +
+	"\x1dconnectlimit/v1/options.proto\x12\x0fconnectlimit.v1\x1a google/protobuf/descriptor.proto\"\x96\x01\n" +
 	"\x05Limit\x12\x16\n" +
 	"\x06bucket\x18\x01 \x01(\tR\x06bucket\x12\x17\n" +
-	"\x04cost\x18\x02 \x01(\x01H\x00R\x04cost\x88\x01\x01B\a\n" +
+	"\x04cost\x18\x02 \x01(\x01H\x00R\x04cost\x88\x01\x01\x121\n" +
+	"\acharges\x18\x03 \x03(\v2\x17.connectlimit.v1.ChargeR\acharges\x12 \n" +
+	"\vconcurrency\x18\x04 \x01(\tR\vconcurrencyB\a\n" +
+	"\x05_cost\"v\n" +
+	"\x06Charge\x12\x16\n" +
+	"\x06bucket\x18\x01 \x01(\tR\x06bucket\x12\x17\n" +
+	"\x04cost\x18\x02 \x01(\x01H\x00R\x04cost\x88\x01\x01\x12\x1a\n" +
+	"\bestimate\x18\x03 \x01(\tR\bestimate\x12\x16\n" +
+	"\x06actual\x18\x04 \x01(\tR\x06actualB\a\n" +
 	"\x05_cost:N\n" +
 	"\x05limit\x12\x1e.google.protobuf.MethodOptions\x18տ\x03 \x01(\v2\x16.connectlimit.v1.LimitR\x05limitBKZIgithub.com/connectlimit/connectlimit/proto/connectlimit/v1;connectlimitv1b\x06proto3"
 
@@ -140,19 +267,21 @@ func file_connectlimit_v1_options_proto_rawDescGZIP() []byte {
 	return file_connectlimit_v1_options_proto_rawDescData
 }
 
-var file_connectlimit_v1_options_proto_msgTypes = make([]protoimpl.MessageInfo, 1)
+var file_connectlimit_v1_options_proto_msgTypes = make([]protoimpl.MessageInfo, 2)
 var file_connectlimit_v1_options_proto_goTypes = []any{
 	(*Limit)(nil),                      // 0: connectlimit.v1.Limit
-	(*descriptorpb.MethodOptions)(nil), // 1: google.protobuf.MethodOptions
+	(*Charge)(nil),                     // 1: connectlimit.v1.Charge
+	(*descriptorpb.MethodOptions)(nil), // 2: google.protobuf.MethodOptions
 }
 var file_connectlimit_v1_options_proto_depIdxs = []int32{
-	1, // 0: connectlimit.v1.limit:extendee -> google.protobuf.MethodOptions
-	0, // 1: connectlimit.v1.limit:type_name -> connectlimit.v1.Limit
-	2, // [2:2] is the sub-list for method output_type
-	2, // [2:2] is the sub-list for method input_type
-	1, // [1:2] is the sub-list for extension type_name
-	0, // [0:1] is the sub-list for extension extendee
-	0, // [0:0] is the sub-list for field type_name
+	1, // 0: connectlimit.v1.Limit.charges:type_name -> connectlimit.v1.Charge
+	2, // 1: connectlimit.v1.limit:extendee -> google.protobuf.MethodOptions
+	0, // 2: connectlimit.v1.limit:type_name -> connectlimit.v1.Limit
+	3, // [3:3] is the sub-list for method output_type
+	3, // [3:3] is the sub-list for method input_type
+	2, // [2:3] is the sub-list for extension type_name
+	1, // [1:2] is the sub-list for extension extendee
+	0, // [0:1] is the sub-list for field type_name
 }
 
 func init() { file_connectlimit_v1_options_proto_init() }
@@ -161,13 +290,14 @@ func file_connectlimit_v1_options_proto_init() {
 		return
 	}
 	file_connectlimit_v1_options_proto_msgTypes[0].OneofWrappers = []any{}
+	file_connectlimit_v1_options_proto_msgTypes[1].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_connectlimit_v1_options_proto_rawDesc), len(file_connectlimit_v1_options_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   1,
+			NumMessages:   2,
 			NumExtensions: 1,
 			NumServices:   0,
 		},
