@@ -151,3 +151,112 @@ func TestValidateWrapsErrInvalidRequest(t *testing.T) {
 		t.Fatalf("Mode(9).String() = %q", got)
 	}
 }
+
+func TestDecideDuplicate(t *testing.T) {
+	t.Parallel()
+	lim := bucket.Limit{Capacity: 10, RefillPerSecond: 2}
+	for _, tc := range []struct {
+		name      string
+		mode      bucket.Mode
+		cost      float64
+		tokens    float64
+		wantReset time.Duration
+	}{
+		{"take that could pay", bucket.ModeTake, 1, 6, 2 * time.Second},
+		{"take that could not pay now", bucket.ModeTake, 8, 1, 4500 * time.Millisecond},
+		{"take over capacity", bucket.ModeTake, 20, 10, 0},
+		{"adjust in debt", bucket.ModeAdjust, 5, -4, 7 * time.Second},
+		{"refund", bucket.ModeAdjust, -3, 9, 500 * time.Millisecond},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			req := bucket.Request{Subject: "s", Mode: tc.mode, ID: "x", Charges: []bucket.Charge{{Bucket: "b", Limit: lim, Cost: tc.cost}}}
+			tokens := []float64{tc.tokens}
+			d := bucket.DecideDuplicate(req, tokens)
+			want := bucket.BucketState{Bucket: "b", Limit: lim, Cost: tc.cost, Allowed: true, Remaining: tc.tokens, ResetAfter: tc.wantReset}
+			if !d.Allowed || !d.Duplicate || d.RetryAfter != 0 || len(d.Buckets) != 1 || d.Buckets[0] != want {
+				t.Fatalf("DecideDuplicate = %+v, want allowed duplicate with %+v", d, want)
+			}
+			if tokens[0] != tc.tokens {
+				t.Fatal("DecideDuplicate modified its tokens argument")
+			}
+			if _, ok := d.Denying(); ok {
+				t.Fatal("a duplicate reports a denying bucket")
+			}
+		})
+	}
+	if d := bucket.Decide(bucket.Request{Subject: "s", ID: "x", Charges: []bucket.Charge{{Bucket: "b", Limit: lim, Cost: 1}}}, []float64{5}); d.Duplicate {
+		t.Fatal("Decide reports a duplicate")
+	}
+}
+
+func TestRequestID(t *testing.T) {
+	t.Parallel()
+	charges := []bucket.Charge{{Bucket: "b", Limit: bucket.Limit{Capacity: 1, RefillPerSecond: 1}, Cost: 1}}
+	for _, tc := range []struct {
+		name    string
+		id      string
+		wantErr string // empty: valid
+	}{
+		{"none", "", ""},
+		{"uuid", "0f8fad5b-d9cb-469f-a165-70867728950e", ""},
+		{"any bytes", "\x00{}\xff", ""},
+		{"longest", strings.Repeat("i", bucket.MaxIDBytes), ""},
+		{"too long", strings.Repeat("i", bucket.MaxIDBytes+1), "bucket: invalid request: id is 129 bytes, want at most 128"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			err := bucket.Request{Subject: "s", ID: tc.id, Charges: charges}.Validate()
+			if tc.wantErr == "" {
+				if err != nil {
+					t.Fatalf("Validate: %v", err)
+				}
+				return
+			}
+			if !errors.Is(err, bucket.ErrInvalidRequest) || err.Error() != tc.wantErr {
+				t.Fatalf("err = %v, want %q", err, tc.wantErr)
+			}
+		})
+	}
+}
+
+func TestLeaseRequestValidate(t *testing.T) {
+	t.Parallel()
+	valid := bucket.LeaseRequest{Subject: "user:alice", Name: "generate_streams", Limit: 2, ID: "call-1", TTL: time.Minute}
+	for _, tc := range []struct {
+		name    string
+		change  func(*bucket.LeaseRequest)
+		wantErr string // empty: valid
+	}{
+		{"valid", func(*bucket.LeaseRequest) {}, ""},
+		{"limit 1, ttl 1ns", func(r *bucket.LeaseRequest) { r.Limit, r.TTL = 1, time.Nanosecond }, ""},
+		{"longest id", func(r *bucket.LeaseRequest) { r.ID = strings.Repeat("i", bucket.MaxIDBytes) }, ""},
+		{"empty subject", func(r *bucket.LeaseRequest) { r.Subject = "" }, "lease subject is empty"},
+		{"empty name", func(r *bucket.LeaseRequest) { r.Name = "" }, "lease name is empty"},
+		{"empty id", func(r *bucket.LeaseRequest) { r.ID = "" }, "lease id is empty"},
+		{"long id", func(r *bucket.LeaseRequest) { r.ID = strings.Repeat("i", 200) }, "lease id is 200 bytes, want 1 to 128"},
+		{"zero limit", func(r *bucket.LeaseRequest) { r.Limit = 0 }, "lease limit must be at least 1, got 0"},
+		{"negative limit", func(r *bucket.LeaseRequest) { r.Limit = -1 }, "lease limit must be at least 1, got -1"},
+		{"zero ttl", func(r *bucket.LeaseRequest) { r.TTL = 0 }, "lease ttl must be greater than 0, got 0s"},
+		{"negative ttl", func(r *bucket.LeaseRequest) { r.TTL = -time.Millisecond }, "lease ttl must be greater than 0, got -1ms"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			r := valid
+			tc.change(&r)
+			err := r.Validate()
+			if tc.wantErr == "" {
+				if err != nil {
+					t.Fatalf("Validate: %v", err)
+				}
+				if err := bucket.ValidateLease(r.Subject, r.Name, r.ID); err != nil {
+					t.Fatalf("ValidateLease: %v", err)
+				}
+				return
+			}
+			if want := "bucket: invalid request: " + tc.wantErr; !errors.Is(err, bucket.ErrInvalidRequest) || err.Error() != want {
+				t.Fatalf("err = %v, want %q", err, want)
+			}
+		})
+	}
+}

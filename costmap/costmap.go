@@ -349,6 +349,10 @@ func (r *Rule) Charges(t *Tier, req proto.Message) ([]bucket.Charge, error) {
 // request.
 func (r *Rule) Estimated() bool { return r.estimated }
 
+// EstimatedAt reports whether charge i (in the order of [Rule.Charges]) is
+// priced by an estimate expression.
+func (r *Rule) EstimatedAt(i int) bool { return r.charges[i].estimate != nil }
+
 // Metered reports whether some charge is settled to an actual usage.
 func (r *Rule) Metered() bool { return r.metered }
 

@@ -28,6 +28,11 @@ const (
 	// HeaderRateLimit lists each bucket's state after the call as
 	// `"name";r=<whole tokens remaining>;t=<seconds until full>`.
 	HeaderRateLimit = "RateLimit"
+	// HeaderWarning lists, on an allowed call, the buckets left below the
+	// warning fraction of their capacity (see [WithWarnFraction]), as
+	// `"name";r=<whole tokens remaining>;q=<capacity>`, so clients can slow
+	// down before they are denied. It is absent when no bucket is low.
+	HeaderWarning = "Connectlimit-Warning"
 )
 
 // DenialError returns the error an [Interceptor] sends for a denied
@@ -76,6 +81,33 @@ func DenialError(subject string, d bucket.Decision) *connect.Error {
 	}
 	setRateLimitHeaders(err.Meta(), &d)
 	return err
+}
+
+// setHeaders writes the RateLimit fields of a decision and, if some bucket
+// is running low, the warning field. A nil decision writes nothing.
+func (i *Interceptor) setHeaders(h http.Header, d *bucket.Decision) {
+	if d == nil {
+		return
+	}
+	setRateLimitHeaders(h, d)
+	if i.cfg.warnBelow <= 0 {
+		return
+	}
+	var warn strings.Builder
+	for _, b := range d.Buckets {
+		if b.Remaining >= i.cfg.warnBelow*b.Limit.Capacity {
+			continue
+		}
+		if warn.Len() > 0 {
+			warn.WriteString(", ")
+		}
+		fmt.Fprintf(&warn, "%q;r=%d;q=%d", b.Bucket, int64(math.Max(0, b.Remaining)), int64(b.Limit.Capacity))
+	}
+	if warn.Len() > 0 {
+		h.Set(HeaderWarning, warn.String())
+	} else {
+		h.Del(HeaderWarning)
+	}
 }
 
 // setRateLimitHeaders writes the RateLimit-Policy and RateLimit fields for

@@ -30,6 +30,10 @@ type Identity struct {
 	// IP is the client's address, used for anonymous calls. IPv6 clients
 	// are limited per /64, the block one subscriber usually holds.
 	IP netip.Addr
+	// Tier selects the limits that apply, for example "free" or "pro"
+	// (see [costmap.Config]). Empty means "anonymous" for callers known
+	// only by IP, and the configuration's default tier for others.
+	Tier string
 }
 
 // Subject returns the name the identity's buckets are kept under:

@@ -60,11 +60,54 @@ type optionFunc func(*config)
 func (f optionFunc) apply(c *config) { f(c) }
 
 type config struct {
-	identify IdentityFunc
-	trusted  []netip.Prefix
-	policy   FailurePolicy
-	timeout  time.Duration
-	logger   *slog.Logger
+	identify    IdentityFunc
+	trusted     []netip.Prefix
+	policy      FailurePolicy
+	timeout     time.Duration
+	logger      *slog.Logger
+	warnBelow   float64
+	overdraft   float64
+	settleQueue int
+	settleFor   time.Duration
+}
+
+// DefaultWarnFraction is the level, as a fraction of capacity, below which
+// a response carries the Connectlimit-Warning header, unless set with
+// [WithWarnFraction].
+const DefaultWarnFraction = 0.1
+
+// DefaultSettleQueue is how many settlements that could not reach the store
+// wait for a retry, unless set with [WithSettleQueue].
+const DefaultSettleQueue = 1024
+
+// DefaultSettleRetryFor is how long a settlement that could not reach the
+// store is retried before it is dropped, unless set with [WithSettleQueue].
+const DefaultSettleRetryFor = time.Minute
+
+// WithWarnFraction sets the level, as a fraction of capacity in [0, 1),
+// below which a call's response carries the [HeaderWarning] header naming
+// the buckets that are running low, so clients can slow down before they are
+// denied. The default is [DefaultWarnFraction]; 0 disables the header.
+func WithWarnFraction(f float64) Option {
+	return optionFunc(func(c *config) { c.warnBelow = f })
+}
+
+// WithStreamOverdraft sets how many tokens beyond its reservation a server
+// stream may use, when its bucket cannot pay for them, before it is ended
+// with [connect.CodeResourceExhausted]. The overdraft is charged when the
+// stream ends, so the bucket goes into debt. The default is 0: the stream
+// ends after the first message its bucket cannot pay for.
+func WithStreamOverdraft(tokens float64) Option {
+	return optionFunc(func(c *config) { c.overdraft = tokens })
+}
+
+// WithSettleQueue sets how many settlements (see [Interceptor]) that failed
+// to reach the store may wait to be retried in the background, and for how
+// long each is retried. Beyond either bound a settlement is dropped, logged
+// and counted in [Stats]. The defaults are [DefaultSettleQueue] and
+// [DefaultSettleRetryFor].
+func WithSettleQueue(size int, retryFor time.Duration) Option {
+	return optionFunc(func(c *config) { c.settleQueue, c.settleFor = size, retryFor })
 }
 
 // WithIdentityFunc replaces the default way of telling who a call is from.

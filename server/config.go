@@ -19,7 +19,7 @@ import (
 //	  search:   { capacity: 60,    refill_per_second: 1 }
 //	  generate: { capacity: 20000, refill_per_second: 14 }
 //	api_keys:
-//	  demo-key-alice: { user: alice }
+//	  demo-key-alice: { user: alice, tier: pro }
 //	trusted_proxies: [10.0.0.0/8]   # optional
 //	failure_policy: open            # optional: open (default) or closed
 //	store_timeout: 100ms            # optional
@@ -51,6 +51,9 @@ type APIKey struct {
 	// It defaults to "sha256:" and the first 12 hex digits of the key's
 	// SHA-256, so the secret itself is never stored or echoed.
 	Name string `yaml:"name"`
+	// Tier is the key's tier, one of the configuration's tiers. Empty
+	// means the configuration's default_tier.
+	Tier string `yaml:"tier"`
 }
 
 // LoadConfig reads and validates the configuration file at path.
@@ -93,10 +96,13 @@ func (cfg Config) Validate() error {
 	if _, err := cfg.trustedProxies(); err != nil {
 		return err
 	}
-	for key := range cfg.APIKeys {
+	for key, owner := range cfg.APIKeys {
 		if key == "" || strings.ContainsFunc(key, func(r rune) bool { return r <= ' ' || r > '~' }) {
 			// Never echo the key: it is a secret.
 			return fmt.Errorf("server: api_keys: a key of %d bytes is empty or has spaces or non-ASCII bytes", len(key))
+		}
+		if _, declared := cfg.Tiers[owner.Tier]; owner.Tier != "" && !declared {
+			return fmt.Errorf("server: api_keys: the key of user %q has tier %q, which is not declared under tiers:", owner.User, owner.Tier)
 		}
 	}
 	return nil
@@ -141,7 +147,7 @@ func (cfg Config) apiKeys() map[keyDigest]interceptor.Identity {
 		if name == "" {
 			name = "sha256:" + hex.EncodeToString(digest[:6])
 		}
-		keys[digest] = interceptor.Identity{APIKey: name, User: owner.User}
+		keys[digest] = interceptor.Identity{APIKey: name, User: owner.User, Tier: owner.Tier}
 	}
 	return keys
 }

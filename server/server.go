@@ -19,6 +19,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"slices"
 	"strings"
 	"time"
 
@@ -37,7 +38,9 @@ import (
 // flight once its context is done, unless set with [WithShutdownTimeout].
 const DefaultShutdownTimeout = 10 * time.Second
 
-// Server is a Connect server with connectlimit installed. Build it with
+// Server is a Connect server with connectlimit installed. It serves
+// connectlimit.v1.QuotaService (see [interceptor.Interceptor.NewQuotaHandler])
+// next to the handlers mounted with [Server.Handle]. Build it with
 // [New], mount handlers with [Server.Handle], run it with [Server.Serve] or
 // [Server.ListenAndServe], and release its store with [Server.Close].
 type Server struct {
@@ -157,6 +160,12 @@ func (s *Server) build() error {
 	}
 	s.keys = s.cfg.apiKeys()
 	s.handler = authn.NewMiddleware(s.authenticate).Wrap(s.mux)
+	s.closers = append(s.closers, func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), s.opts.shutdownTimeout)
+		defer cancel()
+		return s.interceptor.Close(ctx)
+	})
+	s.mux.Handle(s.interceptor.NewQuotaHandler())
 	return nil
 }
 
@@ -283,11 +292,12 @@ func (s *Server) ListenAndServe(ctx context.Context, addr string) error {
 	return s.Serve(ctx, ln)
 }
 
-// Close releases what New opened: the in-memory store's sweeper or the
-// Redis client made from WithRedisURL.
+// Close releases what New opened: it flushes the settlements waiting for
+// the store (for at most the shutdown timeout), then stops the in-memory
+// store's sweeper or closes the Redis client made from WithRedisURL.
 func (s *Server) Close() error {
 	var errs []error
-	for _, c := range s.closers {
+	for _, c := range slices.Backward(s.closers) {
 		errs = append(errs, c())
 	}
 	s.closers = nil

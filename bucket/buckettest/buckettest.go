@@ -1,8 +1,10 @@
-// Package buckettest is the contract every [bucket.Store] must honour, as a
-// test suite: call [Run] from a store's tests.
+// Package buckettest is the contract every [bucket.Store] and
+// [bucket.LeaseStore] must honour, as a test suite: call [Run] from a
+// store's tests, and [RunLeases] too if it limits concurrency.
 //
-// The suite drives time through a [Clock] that the store under test must
-// read, so refill is observed without sleeping.
+// The suites drive time through a [Clock] that the store under test must
+// read, so refill, the expiry of request IDs and the expiry of leases are
+// observed without sleeping.
 package buckettest
 
 import (
@@ -84,6 +86,12 @@ func Run(t *testing.T, newStore NewStore) {
 		{"InvalidRequests", testInvalidRequests},
 		{"CanceledContext", testCanceledContext},
 		{"ConcurrentTakesAreExact", testConcurrent},
+		{"IdempotentAdjust", testIdempotentAdjust},
+		{"IdempotentTake", testIdempotentTake},
+		{"DeniedTakeRecordsNoID", testDeniedTakeRecordsNoID},
+		{"IDExpires", testIDExpires},
+		{"IDsAreIndependent", testIDsAreIndependent},
+		{"SettleIsExact", testSettleIsExact},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
@@ -130,6 +138,9 @@ func take(t *testing.T, s bucket.Store, req bucket.Request) bucket.Decision {
 	}
 	if len(d.Buckets) != len(req.Charges) {
 		t.Fatalf("Take returned %d bucket states for %d charges", len(d.Buckets), len(req.Charges))
+	}
+	if d.Duplicate && (req.ID == "" || !d.Allowed) {
+		t.Fatalf("Take(%+v) = %+v: a duplicate needs an ID and is allowed", req, d)
 	}
 	for i, b := range d.Buckets {
 		c := req.Charges[i]
@@ -411,6 +422,7 @@ func testInvalidRequests(t *testing.T, newStore NewStore) {
 		{"NaN cost", bucket.Request{Subject: "a", Charges: []bucket.Charge{charge("b", 1, 1, math.NaN())}}, "cost"},
 		{"infinite adjust", bucket.Request{Subject: "a", Mode: bucket.ModeAdjust, Charges: []bucket.Charge{charge("b", 1, 1, math.Inf(-1))}}, "cost"},
 		{"unknown mode", bucket.Request{Subject: "a", Mode: 7, Charges: []bucket.Charge{valid}}, "mode"},
+		{"long id", bucket.Request{Subject: "a", ID: strings.Repeat("i", bucket.MaxIDBytes+1), Charges: []bucket.Charge{valid}}, "id is 129 bytes"},
 	} {
 		_, err := s.Take(t.Context(), tc.req)
 		if !errors.Is(err, bucket.ErrInvalidRequest) || !strings.Contains(err.Error(), tc.wantMsg) {

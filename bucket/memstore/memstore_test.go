@@ -18,6 +18,15 @@ func TestContract(t *testing.T) {
 	})
 }
 
+func TestLeaseContract(t *testing.T) {
+	t.Parallel()
+	buckettest.RunLeases(t, func(t *testing.T, clock *buckettest.Clock) bucket.LeaseStore {
+		s := memstore.New(memstore.WithClock(clock.Now))
+		t.Cleanup(func() { _ = s.Close() })
+		return s
+	})
+}
+
 func TestFullBucketsHoldNoMemory(t *testing.T) {
 	t.Parallel()
 	clock := buckettest.NewClock(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))

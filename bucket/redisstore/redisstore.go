@@ -272,7 +272,11 @@ func (s *Store) Acquire(ctx context.Context, req bucket.LeaseRequest) (bucket.Le
 	if err := s.ready(ctx); err != nil {
 		return bucket.LeaseDecision{}, fmt.Errorf("redisstore: acquire: %w", err)
 	}
-	ttl := (req.TTL + time.Microsecond - 1) / time.Microsecond
+	// The TTL in whole microseconds, rounded up (without overflowing).
+	ttl := req.TTL / time.Microsecond
+	if req.TTL%time.Microsecond != 0 {
+		ttl++
+	}
 	keys := []string{leaseKey(s.prefix, escape(req.Subject), escape(req.Name))}
 	reply, err := leaseScript.Run(ctx, s.client, keys, "acquire", s.nowArg(), escape(req.ID), strconv.Itoa(req.Limit), strconv.FormatInt(int64(ttl), 10)).Slice()
 	if err != nil {
@@ -296,7 +300,7 @@ func parseLeaseReply(reply []any) (acquired bool, inUse int, err error) {
 		return false, 0, fmt.Errorf("malformed script reply: acquired flag is %T %v, want integer 0 or 1", reply[0], reply[0])
 	}
 	n, ok := reply[1].(int64)
-	if !ok || n < flag || n > math.MaxInt32 {
+	if !ok || n < flag || int64(int(n)) != n {
 		return false, 0, fmt.Errorf("malformed script reply: in-use count is %T %v, want an integer from %d", reply[1], reply[1], flag)
 	}
 	return flag == 1, int(n), nil

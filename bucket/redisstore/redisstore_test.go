@@ -45,10 +45,29 @@ func contractStores(client redis.UniversalClient, name string) buckettest.NewSto
 	}
 }
 
+// leaseStores is contractStores for the lease suite.
+func leaseStores(client redis.UniversalClient, name string) buckettest.NewLeaseStore {
+	stores := contractStores(client, name)
+	return func(t *testing.T, clock *buckettest.Clock) bucket.LeaseStore {
+		s, ok := stores(t, clock).(*redisstore.Store)
+		if !ok {
+			t.Fatal("contractStores made something other than a *redisstore.Store")
+		}
+		return s
+	}
+}
+
 func TestContract(t *testing.T) {
 	t.Parallel()
 	client := redistest.Start(t).NewClient(t)
-	buckettest.Run(t, contractStores(client, "contract"))
+	t.Run("Buckets", func(t *testing.T) {
+		t.Parallel()
+		buckettest.Run(t, contractStores(client, "contract"))
+	})
+	t.Run("Leases", func(t *testing.T) {
+		t.Parallel()
+		buckettest.RunLeases(t, leaseStores(client, "lease"))
+	})
 }
 
 func TestCluster(t *testing.T) {
@@ -56,7 +75,12 @@ func TestCluster(t *testing.T) {
 	cluster := redistest.StartCluster(t)
 	client := cluster.NewClient(t)
 	t.Run("Contract", func(t *testing.T) {
+		t.Parallel()
 		buckettest.Run(t, contractStores(client, "cluster"))
+	})
+	t.Run("Leases", func(t *testing.T) {
+		t.Parallel()
+		buckettest.RunLeases(t, leaseStores(client, "cluster-lease"))
 	})
 	t.Run("ServerClockAllOrNothing", func(t *testing.T) {
 		t.Parallel()
@@ -162,6 +186,241 @@ func TestServerClock(t *testing.T) {
 	refund := take(t, s, req(bucket.ModeAdjust, -100))
 	if refund.Buckets[0].Remaining != 10 || exists() {
 		t.Fatalf("after a full refund: remaining %v, key exists %v; want 10 and no key", refund.Buckets[0].Remaining, exists())
+	}
+}
+
+// TestIdempotencyServerClock runs idempotent requests on the production
+// path: the marker key holds its expiry on the server's clock and expires
+// with it.
+func TestIdempotencyServerClock(t *testing.T) {
+	t.Parallel()
+	client := redistest.Start(t).NewClient(t)
+	s := redisstore.New(client, redisstore.WithKeyPrefix("idem"))
+	const marker = "idem:{user:alice}~id:settle-1"
+	lim := bucket.Limit{Capacity: 10, RefillPerSecond: 1e-6}
+	req := func(mode bucket.Mode, id string, cost float64) bucket.Request {
+		return bucket.Request{Subject: "user:alice", Mode: mode, ID: id, Charges: []bucket.Charge{{Bucket: "b", Limit: lim, Cost: cost}}}
+	}
+	before := time.Now()
+	if d := take(t, s, req(bucket.ModeAdjust, "settle-1", 4)); !d.Allowed || d.Duplicate {
+		t.Fatalf("first settle: %+v, want applied", d)
+	}
+	after := time.Now()
+	// The marker holds its expiry instant and has the window as its TTL.
+	stored, err := client.Get(t.Context(), marker).Int64()
+	if err != nil {
+		t.Fatalf("GET %s: %v", marker, err)
+	}
+	expires := time.UnixMicro(stored)
+	if lo, hi := before.Add(bucket.IdempotencyWindow-time.Second), after.Add(bucket.IdempotencyWindow+time.Second); expires.Before(lo) || expires.After(hi) {
+		t.Fatalf("marker expires at %v, want about %v from now", expires, bucket.IdempotencyWindow)
+	}
+	if ttl, err := client.PTTL(t.Context(), marker).Result(); err != nil || ttl > bucket.IdempotencyWindow || ttl < bucket.IdempotencyWindow-time.Second {
+		t.Fatalf("PTTL %s = %v, %v; want about %v", marker, ttl, err, bucket.IdempotencyWindow)
+	}
+	d := take(t, s, req(bucket.ModeAdjust, "settle-1", 4))
+	if !d.Allowed || !d.Duplicate || math.Abs(d.Buckets[0].Remaining-6) > 1e-3 {
+		t.Fatalf("resent settle: %+v, want a duplicate with 6 left", d)
+	}
+	// A denied take writes no marker.
+	if d := take(t, s, req(bucket.ModeTake, "big", 7)); d.Allowed {
+		t.Fatalf("take of 7 from 6: %+v, want denied", d)
+	}
+	if n, err := client.Exists(t.Context(), "idem:{user:alice}~id:big").Result(); err != nil || n != 0 {
+		t.Fatalf("EXISTS marker of a denied take = %d, %v; want 0", n, err)
+	}
+	// Once the marker has expired, the ID is applied anew.
+	if err := client.PExpire(t.Context(), marker, time.Millisecond).Err(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		n, err := client.Exists(t.Context(), marker).Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("marker with a 1 ms TTL still exists after 5 s")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if d := take(t, s, req(bucket.ModeAdjust, "settle-1", 4)); !d.Allowed || d.Duplicate || math.Abs(d.Buckets[0].Remaining-2) > 1e-3 {
+		t.Fatalf("settle after the marker expired: %+v, want applied with 2 left", d)
+	}
+}
+
+// TestResentAfterLostReply is what IDs are for: a settle whose reply was
+// lost (the server hung past the deadline, then ran it) is resent with the
+// same ID and charged once.
+func TestResentAfterLostReply(t *testing.T) {
+	t.Parallel()
+	srv := redistest.Start(t)
+	client := srv.NewClient(t, func(o *redis.Options) { o.ContextTimeoutEnabled, o.MaxRetries = true, -1 })
+	s := redisstore.New(client)
+	settle := bucket.Request{Subject: "alice", Mode: bucket.ModeAdjust, ID: "call-7/settle", Charges: []bucket.Charge{charge("b", 5, 1e-6, 2)}}
+	take(t, s, bucket.Request{Subject: "alice", Charges: []bucket.Charge{charge("b", 5, 1e-6, 0)}}) // load the script
+	if err := srv.Pause(0); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 100*time.Millisecond)
+	defer cancel()
+	if _, err := s.Take(ctx, settle); err == nil {
+		t.Fatal("Take on a hung server succeeded")
+	}
+	if err := srv.Resume(); err != nil {
+		t.Fatal(err)
+	}
+	// The resend either finds the first attempt applied (a duplicate) or
+	// applies it itself; either way the bucket is charged once.
+	d := take(t, s, settle)
+	if !d.Allowed {
+		t.Fatalf("resent settle: %+v", d)
+	}
+	if d := take(t, s, settle); !d.Duplicate {
+		t.Fatalf("second resend: %+v, want a duplicate", d)
+	}
+	if got := take(t, s, bucket.Request{Subject: "alice", Charges: []bucket.Charge{charge("b", 5, 1e-6, 0)}}).Buckets[0].Remaining; math.Abs(got-3) > 1e-3 {
+		t.Fatalf("remaining %v after a settle of 2 sent three times, want 3", got)
+	}
+}
+
+// TestLeasesAcrossStores is two application servers, each with its own
+// Store and connection pool, sharing one concurrency limit on the server's
+// clock. When one of them dies holding leases, its slots come back once
+// the lease TTL has passed, and the lease set then disappears.
+func TestLeasesAcrossStores(t *testing.T) {
+	t.Parallel()
+	srv := redistest.Start(t)
+	dying, inspect := srv.NewClient(t), srv.NewClient(t)
+	a := redisstore.New(dying, redisstore.WithKeyPrefix("shared"))
+	b := redisstore.New(srv.NewClient(t), redisstore.WithKeyPrefix("shared"))
+	const key = "shared:{user:alice}~lease:generate_streams"
+	const ttl = 300 * time.Millisecond
+	lease := func(id string, d time.Duration) bucket.LeaseRequest {
+		return bucket.LeaseRequest{Subject: "user:alice", Name: "generate_streams", Limit: 2, ID: id, TTL: d}
+	}
+	// b's own lease lives long and is renewed; a's expire after ttl.
+	began := time.Now()
+	for _, st := range []struct {
+		store        *redisstore.Store
+		req          bucket.LeaseRequest
+		wantAcquired bool
+		wantInUse    int
+	}{
+		{a, lease("a1", ttl), true, 1},
+		{b, lease("b1", time.Minute), true, 2},
+		{b, lease("b2", time.Minute), false, 2},
+		{a, lease("a2", ttl), false, 2},
+		// b1 renewing from a's Store is still one lease.
+		{a, lease("b1", time.Minute), true, 2},
+	} {
+		if d := acquire(t, st.store, st.req); d.Acquired != st.wantAcquired || d.InUse != st.wantInUse {
+			t.Fatalf("Acquire(%s) = %+v, want Acquired %v with %d in use", st.req.ID, d, st.wantAcquired, st.wantInUse)
+		}
+	}
+	if pttl, err := inspect.PTTL(t.Context(), key).Result(); err != nil || pttl <= ttl || pttl > time.Minute {
+		t.Fatalf("PTTL %s = %v, %v; want the last lease's expiry, about 1m", key, pttl, err)
+	}
+	// a dies holding a1. b polls, within a bound, until a1's slot is back.
+	if err := dying.Close(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		d := acquire(t, b, lease("b2", time.Minute))
+		if d.Acquired {
+			if waited := time.Since(began); waited < ttl-50*time.Millisecond {
+				t.Fatalf("a's lease freed after %v, before its TTL %v", waited, ttl)
+			}
+			if d.InUse != 2 {
+				t.Fatalf("after a's lease expired: %+v, want 2 in use (b1 and b2)", d)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("a's lease still held 5 s after it was acquired with TTL %v: %+v", ttl, d)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	// Releasing every lease deletes the set: an idle subject costs nothing.
+	for _, id := range []string{"b1", "b2"} {
+		if err := b.Release(t.Context(), "user:alice", "generate_streams", id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n, err := inspect.Exists(t.Context(), key).Result(); err != nil || n != 0 {
+		t.Fatalf("EXISTS %s after every release = %d, %v; want 0", key, n, err)
+	}
+	// A set whose holders all died expires with its last lease.
+	acquire(t, b, lease("b3", 50*time.Millisecond))
+	deadline = time.Now().Add(5 * time.Second)
+	for {
+		n, err := inspect.Exists(t.Context(), key).Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s still exists 5 s after its last lease expired", key)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func acquire(t *testing.T, s bucket.LeaseStore, req bucket.LeaseRequest) bucket.LeaseDecision {
+	t.Helper()
+	d, err := s.Acquire(t.Context(), req)
+	if err != nil {
+		t.Fatalf("Acquire(%+v): %v", req, err)
+	}
+	return d
+}
+
+// TestIDAndLeaseKeys shows the keys of ID markers and lease sets: beside
+// the subject's buckets, in its hash slot, and never equal to a bucket key.
+func TestIDAndLeaseKeys(t *testing.T) {
+	t.Parallel()
+	c := redistest.Start(t).NewClient(t)
+	s := redisstore.New(c, redisstore.WithKeyPrefix("k"))
+	// A bucket named like an ID marker's or a lease set's tail.
+	take(t, s, bucket.Request{Subject: "user:alice", ID: "req-1", Charges: []bucket.Charge{charge("b", 2, 1, 1), charge("~id:req-1", 2, 1, 1)}})
+	take(t, s, bucket.Request{Subject: "user:alice", ID: "{odd}", Charges: []bucket.Charge{charge("b", 2, 1, 0)}})
+	acquire(t, s, bucket.LeaseRequest{Subject: "user:alice", Name: "gen", Limit: 1, ID: "call-1", TTL: time.Minute})
+	acquire(t, s, bucket.LeaseRequest{Subject: "user:alice", Name: "a}{b", Limit: 1, ID: "{call-2}", TTL: time.Minute})
+	keys, err := c.Keys(t.Context(), "*").Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	slices.Sort(keys)
+	want := []string{
+		"k:{user:alice}:" + hashed("~id:req-1"),
+		"k:{user:alice}:b",
+		"k:{user:alice}~id:" + hashed("{odd}"),
+		"k:{user:alice}~id:req-1",
+		"k:{user:alice}~lease:" + hashed("a}{b"),
+		"k:{user:alice}~lease:gen",
+	}
+	slices.Sort(want)
+	if !slices.Equal(keys, want) {
+		t.Fatalf("keys = %q, want %q", keys, want)
+	}
+	for _, k := range keys {
+		if tag := hashTag(k); tag != "user:alice" {
+			t.Errorf("hash tag of %q = %q, want user:alice", k, tag)
+		}
+	}
+	for key, wantMembers := range map[string][]string{
+		"k:{user:alice}~lease:gen":               {"call-1"},
+		"k:{user:alice}~lease:" + hashed("a}{b"): {hashed("{call-2}")},
+	} {
+		if members, err := c.ZRange(t.Context(), key, 0, -1).Result(); err != nil || !slices.Equal(members, wantMembers) {
+			t.Errorf("ZRANGE %s = %q, %v; want %q", key, members, err, wantMembers)
+		}
 	}
 }
 

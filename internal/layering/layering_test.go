@@ -21,9 +21,9 @@ var allowed = map[string][]string{
 	"bucket/memstore":   {module + "/bucket"},
 	"bucket/buckettest": {module + "/bucket"},
 	"bucket/redisstore": {module + "/bucket", "github.com/redis/go-redis/v9"},
-	"costmap":           {module + "/bucket", module + "/proto/connectlimit/v1", "google.golang.org/protobuf/", "go.yaml.in/yaml/v3"},
+	"costmap":           {module + "/bucket", module + "/proto/connectlimit/v1", "google.golang.org/protobuf/", "go.yaml.in/yaml/v3", "cel.dev/cel-go/"},
 	"interceptor": {
-		module + "/bucket", module + "/costmap",
+		module + "/bucket", module + "/costmap", module + "/proto/connectlimit/v1", module + "/proto/connectlimit/v1/connectlimitv1connect",
 		"connectrpc.com/connect", "connectrpc.com/authn",
 		"google.golang.org/genproto/googleapis/rpc/errdetails", "google.golang.org/protobuf/",
 	},
