@@ -373,15 +373,16 @@ func DecideDuplicate(req Request, tokens []float64) Decision {
 
 // Store decides [Request]s against buckets it keeps. Implementations are
 // safe for concurrent use, apply each request atomically (all of its
-// charges or none), and decide with their own notion of the present (an
-// injected clock in memory, the server's clock in Redis).
+// charges or none, and its [Request.ID] with them), and decide with their
+// own notion of the present (an injected clock in memory, the server's
+// clock in Redis), which also times [IdempotencyWindow].
 //
 // Take returns an error only when the request is malformed (wrapping
 // [ErrInvalidRequest]) or the backend failed; a denial is a [Decision]
 // with Allowed false. When Take returns an error, no bucket was changed,
 // unless the backend failed after applying it and could not say so (a
 // lost reply); callers that must not double-charge treat such errors as
-// "unknown"; a request with an [Request.ID] can then be resent safely.
+// "unknown", and may resend a request that has an ID.
 type Store interface {
 	Take(ctx context.Context, req Request) (Decision, error)
 }

@@ -188,11 +188,11 @@ func (s *Store) Take(ctx context.Context, req bucket.Request) (bucket.Decision, 
 	if err != nil {
 		return bucket.Decision{}, fmt.Errorf("redisstore: take: %w", err)
 	}
-	verdict, levels, err := parseReply(reply, n)
+	got, levels, err := parseReply(reply, n)
 	if err != nil {
 		return bucket.Decision{}, fmt.Errorf("redisstore: take: %w", err)
 	}
-	if verdict == duplicate {
+	if got == duplicate {
 		if req.ID == "" {
 			return bucket.Decision{}, errors.New("redisstore: take: take.lua reported a duplicate of a request without an ID")
 		}
@@ -202,8 +202,8 @@ func (s *Store) Take(ctx context.Context, req bucket.Request) (bucket.Decision, 
 	// rebuilds the Decision (RetryAfter, ResetAfter) from them so that the
 	// arithmetic lives in one place. A disagreement is a bug, never ignored.
 	d := bucket.Decide(req, levels)
-	if d.Allowed != (verdict == applied) {
-		return bucket.Decision{}, fmt.Errorf("redisstore: take: take.lua and bucket.Decide disagree on levels %v: script applied=%v, Decide allowed=%v (the charge may have been applied)", levels, verdict == applied, d.Allowed)
+	if d.Allowed != (got == applied) {
+		return bucket.Decision{}, fmt.Errorf("redisstore: take: take.lua and bucket.Decide disagree on levels %v: script applied=%v, Decide allowed=%v (the charge may have been applied)", levels, got == applied, d.Allowed)
 	}
 	return d, nil
 }

@@ -1,0 +1,250 @@
+package interceptor_test
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"connectrpc.com/authn"
+	"connectrpc.com/connect"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
+	"google.golang.org/protobuf/types/dynamicpb"
+
+	"github.com/connectlimit/connectlimit/bucket"
+	"github.com/connectlimit/connectlimit/bucket/buckettest"
+	"github.com/connectlimit/connectlimit/bucket/memstore"
+	"github.com/connectlimit/connectlimit/costmap"
+	"github.com/connectlimit/connectlimit/interceptor"
+	"github.com/connectlimit/connectlimit/internal/prototest"
+	connectlimitv1 "github.com/connectlimit/connectlimit/proto/connectlimit/v1"
+	"github.com/connectlimit/connectlimit/proto/connectlimit/v1/connectlimitv1connect"
+)
+
+// The AI test service: Ask (unary) and Report (server stream) reserve an
+// estimate of request.max_tokens from "tokens" and settle to the usage the
+// response reports; Chat (bidi) charges each message the size of its topic.
+// The handlers obey the request's topic:
+//
+//	use=N         use N tokens (Ask: usage.total_tokens; Report: chunks of 4)
+//	fail          fail before any work
+//	report=N      call ReportUsage("tokens", N), then fail
+//	wait          (Report) send one chunk of 4, then wait for cancellation
+const (
+	askProc    = "/test.v1.TestService/Ask"
+	reportProc = "/test.v1.TestService/Report"
+	chatProc   = "/test.v1.TestService/Chat"
+)
+
+type msg = dynamicpb.Message
+
+type aiFixture struct {
+	cfg    costmap.Config
+	clock  *buckettest.Clock
+	store  bucket.Store
+	ic     *interceptor.Interceptor
+	svc    protoreflect.ServiceDescriptor
+	server *httptest.Server
+	ask    *connect.Client[msg, msg]
+	report *connect.Client[msg, msg]
+	chat   *connect.Client[msg, msg]
+	quota  connectlimitv1connect.QuotaServiceClient
+}
+
+func aiService(t *testing.T) protoreflect.ServiceDescriptor {
+	t.Helper()
+	tokens := func(actual string) *connectlimitv1.Charge {
+		return &connectlimitv1.Charge{Bucket: "tokens", Estimate: "request.max_tokens", Actual: actual}
+	}
+	return prototest.NewService(t,
+		prototest.Method{Name: "Ask", Report: true, Limit: &connectlimitv1.Limit{Charges: []*connectlimitv1.Charge{
+			{Bucket: "requests", Cost: proto.Float64(1)}, tokens("has(response.usage) ? response.usage.total_tokens : 0"),
+		}}},
+		prototest.Method{Name: "Report", Report: true, ServerStreaming: true, Limit: &connectlimitv1.Limit{
+			Charges:     []*connectlimitv1.Charge{{Bucket: "requests", Cost: proto.Float64(1)}, tokens("response.tokens")},
+			Concurrency: "streams",
+		}},
+		prototest.Method{Name: "Chat", Report: true, ServerStreaming: true, ClientStreaming: true, Limit: &connectlimitv1.Limit{
+			Charges: []*connectlimitv1.Charge{{Bucket: "tokens", Estimate: "size(request.topic)"}},
+		}},
+	)
+}
+
+func aiConfig() costmap.Config {
+	return costmap.Config{
+		Buckets: map[string]costmap.BucketConfig{
+			"requests": {Capacity: 1000, RefillPerSecond: 1e-9},
+			"tokens":   {Capacity: 1000, RefillPerSecond: 1e-9},
+		},
+		Concurrency: map[string]costmap.ConcurrencyConfig{"streams": {Limit: 2, Lease: time.Second}},
+		Tiers: map[string]costmap.TierConfig{
+			"pro": {Scale: 10, Concurrency: map[string]costmap.ConcurrencyConfig{"streams": {Limit: 3}}},
+		},
+	}
+}
+
+// newAIFixture serves the AI test service; store nil means a memstore on
+// the fixture's fake clock.
+func newAIFixture(t *testing.T, cfg costmap.Config, store bucket.Store, opts ...interceptor.Option) *aiFixture {
+	t.Helper()
+	f := &aiFixture{cfg: cfg, clock: buckettest.NewClock(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)), store: store}
+	if f.store == nil {
+		ms := memstore.New(memstore.WithClock(f.clock.Now))
+		t.Cleanup(func() { _ = ms.Close() })
+		f.store = ms
+	}
+	f.svc = aiService(t)
+	costs, err := costmap.New(cfg, f.svc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	opts = append([]interceptor.Option{interceptor.WithLogger(slog.New(slog.DiscardHandler))}, opts...)
+	f.ic, err = interceptor.NewInterceptor(f.store, costs, opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = f.ic.Close(context.Background()) })
+	methods := f.svc.Methods()
+	in := f.svc.ParentFile().Messages().ByName("ReportRequest")
+	out := f.svc.ParentFile().Messages().ByName("ReportResponse")
+	initRequest := connect.WithRequestInitializer(func(_ connect.Spec, m any) error {
+		*m.(*msg) = *dynamicpb.NewMessage(in) //nolint:forcetypeassert // only *msg here
+		return nil
+	})
+	mux := http.NewServeMux()
+	mux.Handle(askProc, connect.NewUnaryHandler(askProc, func(ctx context.Context, r *connect.Request[msg]) (*connect.Response[msg], error) {
+		use, err := f.obey(ctx, r.Msg)
+		if err != nil {
+			return nil, err
+		}
+		return connect.NewResponse(prototest.ReportResponse(f.svc, 0, int32(use))), nil
+	}, connect.WithSchema(methods.ByName("Ask")), connect.WithInterceptors(f.ic), initRequest))
+	mux.Handle(reportProc, connect.NewServerStreamHandler(reportProc, func(ctx context.Context, r *connect.Request[msg], s *connect.ServerStream[msg]) error {
+		topic := topicOf(r.Msg)
+		if topic == "wait" {
+			if err := s.Send(prototest.ReportResponse(f.svc, 4, 0)); err != nil {
+				return err
+			}
+			<-ctx.Done()
+			return ctx.Err()
+		}
+		if n, ok := strings.CutPrefix(topic, "fail-after="); ok {
+			chunks, _ := strconv.Atoi(n)
+			for range chunks {
+				if err := s.Send(prototest.ReportResponse(f.svc, 4, 0)); err != nil {
+					return err
+				}
+			}
+			return connect.NewError(connect.CodeInternal, errors.New("model crashed"))
+		}
+		use, err := f.obey(ctx, r.Msg)
+		if err != nil {
+			return err
+		}
+		for sent := 0; sent < use; sent += 4 {
+			if err := s.Send(prototest.ReportResponse(f.svc, int32(min(4, use-sent)), 0)); err != nil {
+				return err
+			}
+		}
+		return nil
+	}, connect.WithSchema(methods.ByName("Report")), connect.WithInterceptors(f.ic), initRequest))
+	mux.Handle(chatProc, connect.NewBidiStreamHandler(chatProc, func(_ context.Context, s *connect.BidiStream[msg, msg]) error {
+		for {
+			m, err := s.Receive()
+			if err != nil {
+				if errors.Is(err, io.EOF) {
+					return nil
+				}
+				return err
+			}
+			if err := s.Send(prototest.ReportResponse(f.svc, int32(len(topicOf(m))), 0)); err != nil {
+				return err
+			}
+		}
+	}, connect.WithSchema(methods.ByName("Chat")), connect.WithInterceptors(f.ic), initRequest))
+	mux.Handle(f.ic.NewQuotaHandler())
+	auth := authn.NewMiddleware(func(_ context.Context, r authn.Request) (any, error) {
+		if tier, user, ok := strings.Cut(r.Header().Get("X-Test-Identity"), ":"); ok {
+			return interceptor.Identity{User: user, Tier: tier}, nil
+		}
+		return nil, nil //nolint:nilnil // anonymous
+	})
+	f.server = httptest.NewUnstartedServer(auth.Wrap(mux))
+	f.server.EnableHTTP2 = true
+	f.server.StartTLS()
+	t.Cleanup(f.server.Close)
+	initResponse := connect.WithResponseInitializer(func(_ connect.Spec, m any) error {
+		*m.(*msg) = *dynamicpb.NewMessage(out) //nolint:forcetypeassert // only *msg here
+		return nil
+	})
+	f.ask = connect.NewClient[msg, msg](f.server.Client(), f.server.URL+askProc, initResponse)
+	f.report = connect.NewClient[msg, msg](f.server.Client(), f.server.URL+reportProc, initResponse)
+	f.chat = connect.NewClient[msg, msg](f.server.Client(), f.server.URL+chatProc, initResponse)
+	f.quota = connectlimitv1connect.NewQuotaServiceClient(f.server.Client(), f.server.URL)
+	return f
+}
+
+func topicOf(m *msg) string {
+	return m.Get(m.Descriptor().Fields().ByName("topic")).String()
+}
+
+// obey carries out the topic's instructions for Ask and Report.
+func (f *aiFixture) obey(ctx context.Context, m *msg) (int, error) {
+	topic := topicOf(m)
+	switch {
+	case topic == "fail":
+		return 0, connect.NewError(connect.CodeFailedPrecondition, errors.New("bad topic"))
+	case strings.HasPrefix(topic, "report="):
+		n, _ := strconv.ParseFloat(strings.TrimPrefix(topic, "report="), 64)
+		if err := interceptor.ReportUsage(ctx, "tokens", n); err != nil {
+			return 0, err
+		}
+		return 0, connect.NewError(connect.CodeUnavailable, errors.New("model failed after some work"))
+	case strings.HasPrefix(topic, "use="):
+		return strconv.Atoi(strings.TrimPrefix(topic, "use="))
+	}
+	return 0, nil
+}
+
+func (f *aiFixture) request(topic string, maxTokens int32) *connect.Request[msg] {
+	return connect.NewRequest(prototest.ReportRequest(f.svc, topic, maxTokens))
+}
+
+// levels reads the subject's buckets without charging them.
+func (f *aiFixture) levels(t *testing.T, subject string) (requests, tokens float64) {
+	t.Helper()
+	d, err := f.store.Take(t.Context(), bucket.Request{Subject: subject, Charges: []bucket.Charge{
+		{Bucket: "requests", Limit: mustLimit(t, f.cfg.Buckets["requests"])},
+		{Bucket: "tokens", Limit: mustLimit(t, f.cfg.Buckets["tokens"])},
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d.Buckets[0].Remaining, d.Buckets[1].Remaining
+}
+
+func mustLimit(t *testing.T, bc costmap.BucketConfig) bucket.Limit {
+	t.Helper()
+	l, err := bucket.NewLimit(bc.Capacity, bc.RefillPerSecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return l
+}
+
+func near(a, b float64) bool { return a-b < 1e-6 && b-a < 1e-6 }
+
+type costmapBucket = costmap.BucketConfig
+
+func contains(s, sub string) bool { return strings.Contains(s, sub) }
+
+type http_Header = http.Header
+
+func prototestReq(f *aiFixture, topic string) *msg { return prototest.ReportRequest(f.svc, topic, 0) }
