@@ -30,10 +30,12 @@ type EvalError struct {
 	Err error
 }
 
+// Error names the procedure, bucket and expression, then what went wrong.
 func (e *EvalError) Error() string {
 	return fmt.Sprintf("costmap: procedure %s: bucket %q: cost expression %q: %v", e.Procedure, e.Bucket, e.Expression, e.Err)
 }
 
+// Unwrap returns Err.
 func (e *EvalError) Unwrap() error { return e.Err }
 
 // expr is one compiled cost expression.
