@@ -24,6 +24,7 @@ import (
 	"time"
 
 	"connectrpc.com/authn"
+	"connectrpc.com/connect"
 	"github.com/redis/go-redis/v9"
 	"google.golang.org/protobuf/reflect/protoreflect"
 
@@ -165,7 +166,9 @@ func (s *Server) build() error {
 		defer cancel()
 		return s.interceptor.Close(ctx)
 	})
-	s.mux.Handle(s.interceptor.NewQuotaHandler())
+	// Through the interceptor too, so procedures: or default_bucket: in
+	// the configuration can limit it like any other procedure.
+	s.mux.Handle(s.interceptor.NewQuotaHandler(connect.WithInterceptors(s.interceptor)))
 	return nil
 }
 

@@ -1,7 +1,9 @@
 // Command aiservice is an example AI service rate limited by connectlimit.
 // It serves aiservice.v1.AIService (Search, cheap; GenerateReport, an
-// expensive server stream from a deterministic fake LLM) on
-// 127.0.0.1:8080, keeping buckets in memory unless -redis is given.
+// expensive server stream from a deterministic fake LLM, priced in its
+// tokens) and connectlimit.v1.QuotaService (each caller's buckets) on
+// 127.0.0.1:8080, keeping buckets in memory unless -redis is given. The
+// limits, tiers and demo API keys are in config.yaml.
 //
 //	go run ./examples/aiservice
 //	go run ./examples/aiservice -redis redis://127.0.0.1:6379/0 -config my.yaml

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"io"
+	"maps"
+	"math"
 	"net/http"
 	"strconv"
 	"strings"
@@ -16,11 +18,19 @@ import (
 	aiservicev1 "github.com/connectlimit/connectlimit/examples/aiservice/gen/aiservice/v1"
 	"github.com/connectlimit/connectlimit/examples/aiservice/gen/aiservice/v1/aiservicev1connect"
 	"github.com/connectlimit/connectlimit/internal/redistest"
+	connectlimitv1 "github.com/connectlimit/connectlimit/proto/connectlimit/v1"
+	"github.com/connectlimit/connectlimit/proto/connectlimit/v1/connectlimitv1connect"
 )
 
-// start runs the example as main would, on a free port, and returns a
-// client for it. The server stops when the test ends.
-func start(t *testing.T, args ...string) aiservicev1connect.AIServiceClient {
+// example is a running copy of the example and clients for it.
+type example struct {
+	ai    aiservicev1connect.AIServiceClient
+	quota connectlimitv1connect.QuotaServiceClient
+}
+
+// start runs the example as main would, on a free port, and returns
+// clients for it. The server stops when the test ends.
+func start(t *testing.T, args ...string) *example {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	addrc := make(chan string, 1)
@@ -36,7 +46,10 @@ func start(t *testing.T, args ...string) aiservicev1connect.AIServiceClient {
 	})
 	select {
 	case addr := <-addrc:
-		return aiservicev1connect.NewAIServiceClient(http.DefaultClient, "http://"+addr)
+		return &example{
+			ai:    aiservicev1connect.NewAIServiceClient(http.DefaultClient, "http://"+addr),
+			quota: connectlimitv1connect.NewQuotaServiceClient(http.DefaultClient, "http://"+addr),
+		}
 	case err := <-done:
 		t.Fatalf("run exited early: %v", err)
 	case <-time.After(30 * time.Second):
@@ -45,13 +58,83 @@ func start(t *testing.T, args ...string) aiservicev1connect.AIServiceClient {
 	return nil
 }
 
-func search(t *testing.T, c aiservicev1connect.AIServiceClient, apiKey string) (*connect.Response[aiservicev1.SearchResponse], error) {
-	t.Helper()
-	req := connect.NewRequest(&aiservicev1.SearchRequest{Query: "token bucket rate limiting", TopK: 3})
+// withKey sends apiKey, if any, as a bearer token.
+func withKey[T any](req *connect.Request[T], apiKey string) *connect.Request[T] {
 	if apiKey != "" {
 		req.Header().Set("Authorization", "Bearer "+apiKey)
 	}
-	return c.Search(t.Context(), req)
+	return req
+}
+
+func (e *example) search(t *testing.T, apiKey string) (*connect.Response[aiservicev1.SearchResponse], error) {
+	t.Helper()
+	return e.ai.Search(t.Context(), withKey(connect.NewRequest(&aiservicev1.SearchRequest{Query: "token bucket rate limiting", TopK: 3}), apiKey))
+}
+
+// generateReport opens a GenerateReport stream. Connect reports the
+// stream's errors, denials included, on Receive.
+func (e *example) generateReport(ctx context.Context, t *testing.T, apiKey, topic string, maxTokens int32) *connect.ServerStreamForClient[aiservicev1.GenerateReportResponse] {
+	t.Helper()
+	stream, err := e.ai.GenerateReport(ctx, withKey(connect.NewRequest(&aiservicev1.GenerateReportRequest{Topic: topic, MaxTokens: maxTokens}), apiKey))
+	if err != nil {
+		t.Fatalf("GenerateReport: %v", err)
+	}
+	t.Cleanup(func() { _ = stream.Close() })
+	return stream
+}
+
+// getQuota returns the caller's buckets by name, and the whole response.
+func (e *example) getQuota(t *testing.T, apiKey string) (map[string]*connectlimitv1.BucketQuota, *connectlimitv1.GetQuotaResponse) {
+	t.Helper()
+	res, err := e.quota.GetQuota(t.Context(), withKey(connect.NewRequest(&connectlimitv1.GetQuotaRequest{}), apiKey))
+	if err != nil {
+		t.Fatalf("GetQuota: %v", err)
+	}
+	buckets := map[string]*connectlimitv1.BucketQuota{}
+	for _, b := range res.Msg.GetBuckets() {
+		buckets[b.GetName()] = b
+	}
+	return buckets, res.Msg
+}
+
+// limitParams reads one parameter of every bucket of a RateLimit or
+// RateLimit-Policy field: `"search";r=59;t=1, "all_ai_tokens";r=99;t=1`
+// with param "r" gives {search: 59, all_ai_tokens: 99}.
+func limitParams(t *testing.T, field, param string) map[string]float64 {
+	t.Helper()
+	params := map[string]float64{}
+	for item := range strings.SplitSeq(field, ", ") {
+		parts := strings.Split(item, ";")
+		name, err := strconv.Unquote(parts[0])
+		if err != nil {
+			t.Fatalf("bad item %q in %q", item, field)
+		}
+		for _, p := range parts[1:] {
+			if v, ok := strings.CutPrefix(p, param+"="); ok {
+				if params[name], err = strconv.ParseFloat(v, 64); err != nil {
+					t.Fatalf("bad item %q in %q", item, field)
+				}
+			}
+		}
+	}
+	return params
+}
+
+// errorDetails returns the details of err that are of type T.
+func errorDetails[T any](err error) []T {
+	var ce *connect.Error
+	if !errors.As(err, &ce) {
+		return nil
+	}
+	var found []T
+	for _, d := range ce.Details() {
+		if v, valueErr := d.Value(); valueErr == nil {
+			if detail, ok := v.(T); ok {
+				found = append(found, detail)
+			}
+		}
+	}
+	return found
 }
 
 // TestSearchPastItsLimit is the README's promise: the 61st Search in a row
@@ -69,11 +152,11 @@ func TestSearchPastItsLimit(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
-			client := start(t, tc.args...)
+			ex := start(t, tc.args...)
 			var denied error
 			allowed := 0
 			for range 70 {
-				res, err := search(t, client, "")
+				res, err := ex.search(t, "")
 				if err != nil {
 					denied = err
 					break
@@ -91,27 +174,20 @@ func TestSearchPastItsLimit(t *testing.T) {
 			if !errors.As(denied, &ce) || ce.Code() != connect.CodeResourceExhausted {
 				t.Fatalf("denial = %v, want resource_exhausted", denied)
 			}
-			var retry *errdetails.RetryInfo
-			for _, d := range ce.Details() {
-				if v, err := d.Value(); err == nil {
-					if ri, ok := v.(*errdetails.RetryInfo); ok {
-						retry = ri
-					}
-				}
-			}
-			if retry == nil || retry.GetRetryDelay().AsDuration() <= 0 || retry.GetRetryDelay().AsDuration() > time.Second {
-				t.Fatalf("RetryInfo = %v, want a delay in (0, 1s]", retry)
+			retry := errorDetails[*errdetails.RetryInfo](denied)
+			if len(retry) != 1 || retry[0].GetRetryDelay().AsDuration() <= 0 || retry[0].GetRetryDelay().AsDuration() > time.Second {
+				t.Fatalf("RetryInfo = %v, want one with a delay in (0, 1s]", retry)
 			}
 			if ra, err := strconv.Atoi(ce.Meta().Get("Retry-After")); err != nil || ra != 1 {
 				t.Fatalf("Retry-After = %q, want 1", ce.Meta().Get("Retry-After"))
 			}
-			// alice's API key has its own bucket.
-			res, err := search(t, client, "demo-key-alice")
+			// alice's API key has its own buckets, of the free tier.
+			res, err := ex.search(t, "demo-key-alice")
 			if err != nil {
 				t.Fatalf("alice: %v", err)
 			}
-			if got := res.Header().Get("RateLimit"); got != `"search";r=59;t=1` {
-				t.Fatalf("alice's RateLimit = %q", got)
+			if got, want := res.Header().Get("RateLimit"), `"search";r=119;t=1, "all_ai_tokens";r=999999;t=1`; got != want {
+				t.Fatalf("alice's RateLimit = %q, want %q", got, want)
 			}
 		})
 	}
@@ -119,8 +195,8 @@ func TestSearchPastItsLimit(t *testing.T) {
 
 func TestUnknownAPIKey(t *testing.T) {
 	t.Parallel()
-	client := start(t)
-	_, err := search(t, client, "not-a-key")
+	ex := start(t)
+	_, err := ex.search(t, "not-a-key")
 	if connect.CodeOf(err) != connect.CodeUnauthenticated {
 		t.Fatalf("err = %v, want unauthenticated", err)
 	}
@@ -129,31 +205,266 @@ func TestUnknownAPIKey(t *testing.T) {
 	}
 }
 
-func TestGenerateReportStreamsWithHeaders(t *testing.T) {
+// The free tier's buckets, from config.yaml.
+const (
+	freeRequests = 200       // generate_requests, an hour
+	freeTokens   = 100_000   // generate_tokens, an hour
+	freeAITokens = 1_000_000 // all_ai_tokens, a day
+)
+
+// TestGenerateReportReservesThenSettles is the AI cost model end to end: a
+// report reserves its estimate (the prompt plus max_tokens) in
+// generate_tokens and all_ai_tokens while it streams, and once it ends both
+// are settled to exactly usage.total_tokens, with the in-memory store and
+// with Redis.
+func TestGenerateReportReservesThenSettles(t *testing.T) {
 	t.Parallel()
-	client := start(t)
-	req := connect.NewRequest(&aiservicev1.GenerateReportRequest{Topic: "rate limits for LLM APIs", MaxTokens: 64})
-	req.Header().Set("Authorization", "Bearer demo-key-bob")
-	stream, err := client.GenerateReport(t.Context(), req)
-	if err != nil {
-		t.Fatal(err)
+	redis := redistest.Start(t)
+	for _, tc := range []struct {
+		name string
+		args []string
+	}{
+		{"memory", nil},
+		{"redis", []string{"-redis", "redis://" + redis.Addr() + "/0"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			// Slow chunks keep the stream open (16 chunks or more) while the
+			// test looks at the reservation.
+			ex := start(t, append([]string{"-chunk-delay", "10ms"}, tc.args...)...)
+			const (
+				key       = "demo-key-alice"
+				topic     = "rate limits for LLM APIs"
+				maxTokens = 1000
+			)
+			// The annotation's estimate: the prompt (the topic in a 28-byte
+			// template, 4 bytes a token rounded up) plus max_tokens.
+			const estimate = float64((len(topic)+31)/4 + maxTokens)
+			began := time.Now()
+			stream := ex.generateReport(t.Context(), t, key, topic, maxTokens)
+			if !stream.Receive() {
+				t.Fatalf("GenerateReport: %v", stream.Err())
+			}
+			streamed := stream.Msg().GetTokens() // completion tokens, summed over the messages
+
+			// The buckets were full, so the headers show the reservation
+			// exactly.
+			wantRemaining := map[string]float64{
+				"generate_requests": freeRequests - 1,
+				"generate_tokens":   freeTokens - estimate,
+				"all_ai_tokens":     freeAITokens - estimate,
+			}
+			if got := limitParams(t, stream.ResponseHeader().Get("RateLimit"), "r"); !maps.Equal(got, wantRemaining) {
+				t.Fatalf("RateLimit remaining while streaming = %v, want %v", got, wantRemaining)
+			}
+			// GetQuota sees it too while the stream runs.
+			during, _ := ex.getQuota(t, key)
+			checkCharged(t, "while streaming", during, time.Since(began), estimate)
+
+			var usage *aiservicev1.Usage
+			for stream.Receive() {
+				streamed += stream.Msg().GetTokens()
+				if u := stream.Msg().GetUsage(); u != nil {
+					usage = u
+				}
+			}
+			if err := stream.Err(); err != nil {
+				t.Fatal(err)
+			}
+			total := usage.GetTotalTokens()
+			// What the actual expression sums: every chunk's tokens, plus the
+			// prompt tokens on the last message.
+			if streamed != usage.GetCompletionTokens() || streamed+usage.GetPromptTokens() != total {
+				t.Fatalf("usage = %v, with %d completion tokens streamed", usage, streamed)
+			}
+			if total <= 0 || float64(total) >= estimate {
+				t.Fatalf("total_tokens = %d, want in (0, %v): the estimate is an upper bound, and this report ends before max_tokens", total, estimate)
+			}
+			// The stream has ended, so it has been settled to its usage.
+			after, _ := ex.getQuota(t, key)
+			checkCharged(t, "after the stream", after, time.Since(began), float64(total))
+		})
 	}
-	var tokens int32
-	var usage *aiservicev1.Usage
-	for stream.Receive() {
-		tokens += stream.Msg().GetTokens()
-		if u := stream.Msg().GetUsage(); u != nil {
-			usage = u
+}
+
+// checkCharged checks that generate_tokens and all_ai_tokens were charged
+// want tokens, and generate_requests 1, by the one call made so far.
+//
+// Buckets refill while the test runs, so a bucket holds between
+// capacity - charged and that plus its rate × elapsed. The exact refill
+// comes from generate_requests: it was charged 1 token at the same instant
+// as the others and is never refunded, so its refill tells how long the
+// buckets have been refilling, and the others must have been charged want
+// exactly (to 1e-6 tokens) for that time.
+func checkCharged(t *testing.T, when string, buckets map[string]*connectlimitv1.BucketQuota, elapsed time.Duration, want float64) {
+	t.Helper()
+	const epsilon = 1e-6
+	requests := buckets["generate_requests"]
+	refilling := (1 - (requests.GetCapacity() - requests.GetRemaining())) / requests.GetRefillPerSecond() // seconds
+	if refilling < -epsilon || refilling > elapsed.Seconds()+epsilon {
+		t.Fatalf("%s: generate_requests = %v: refilling for %vs, want 1 token charged between 0 and %v ago", when, requests, refilling, elapsed)
+	}
+	for _, name := range []string{"generate_tokens", "all_ai_tokens"} {
+		b := buckets[name]
+		low, high := b.GetCapacity()-want, b.GetCapacity()-want+b.GetRefillPerSecond()*elapsed.Seconds()
+		if r := b.GetRemaining(); r < low-epsilon || r > high+epsilon {
+			t.Errorf("%s: %s remaining = %v, want in [%v, %v] (%v charged, then at most %v of refill)", when, name, r, low, high, want, elapsed)
+		}
+		if charged := b.GetCapacity() - b.GetRemaining() + b.GetRefillPerSecond()*refilling; math.Abs(charged-want) > epsilon {
+			t.Errorf("%s: %s was charged %v, want %v", when, name, charged, want)
 		}
 	}
-	if err := stream.Err(); err != nil {
+}
+
+// TestTiers checks that each kind of caller gets its tier's limits, in
+// GetQuota and in the RateLimit-Policy of its calls.
+func TestTiers(t *testing.T) {
+	t.Parallel()
+	ex := start(t)
+	for _, tc := range []struct {
+		name, key    string
+		wantSubject  string
+		wantTier     string
+		wantRequests float64 // generate_requests, an hour
+		wantTokens   float64 // generate_tokens, an hour
+		wantAITokens float64 // all_ai_tokens, a day
+		wantSearch   float64
+		wantStreams  int32
+	}{
+		{"anonymous", "", "ip:127.0.0.1", "anonymous", 20, 10_000, 100_000, 60, 1},
+		{"free", "demo-key-alice", "key:alice-demo", "free", 200, 100_000, 1_000_000, 120, 2},
+		{"default tier", "demo-key-bob", "key:bob-demo", "free", 200, 100_000, 1_000_000, 120, 2},
+		{"pro", "demo-key-pro", "key:carol-pro", "pro", 2_000, 1_000_000, 10_000_000, 1_200, 5},
+		{"service", "demo-key-service", "key:batch-jobs", "service", 10_000, 5_000_000, 50_000_000, 6_000, 20},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			buckets, res := ex.getQuota(t, tc.key)
+			if res.GetSubject() != tc.wantSubject || res.GetTier() != tc.wantTier {
+				t.Errorf("subject, tier = %q, %q, want %q, %q", res.GetSubject(), res.GetTier(), tc.wantSubject, tc.wantTier)
+			}
+			for _, want := range []struct {
+				bucket   string
+				capacity float64
+				period   time.Duration
+			}{
+				{"generate_requests", tc.wantRequests, time.Hour},
+				{"generate_tokens", tc.wantTokens, time.Hour},
+				{"all_ai_tokens", tc.wantAITokens, 24 * time.Hour},
+				{"search", tc.wantSearch, time.Minute},
+			} {
+				b := buckets[want.bucket]
+				wantRate := want.capacity / want.period.Seconds()
+				if b.GetCapacity() != want.capacity || math.Abs(b.GetRefillPerSecond()-wantRate) > 1e-9*wantRate || b.GetRemaining() != want.capacity {
+					t.Errorf("%s = %v, want full at %v, refilling in %v", want.bucket, b, want.capacity, want.period)
+				}
+			}
+			if c := res.GetConcurrency(); len(c) != 1 || c[0].GetName() != "generate_streams" || c[0].GetLimit() != tc.wantStreams {
+				t.Errorf("concurrency = %v, want generate_streams %d", c, tc.wantStreams)
+			}
+			res2, err := ex.search(t, tc.key)
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := map[string]float64{"search": tc.wantSearch, "all_ai_tokens": tc.wantAITokens}
+			if got := limitParams(t, res2.Header().Get("RateLimit-Policy"), "q"); !maps.Equal(got, want) {
+				t.Errorf("RateLimit-Policy capacities = %v, want %v", got, want)
+			}
+		})
+	}
+}
+
+// TestThirdStreamIsDenied checks generate_streams: a free caller may have
+// two reports streaming at once; a third is denied until one ends.
+func TestThirdStreamIsDenied(t *testing.T) {
+	t.Parallel()
+	// Slow chunks keep the streams open: a report has 16 chunks or more.
+	ex := start(t, "-chunk-delay", "50ms")
+	const key, topic = "demo-key-alice", "concurrency limits"
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	first := ex.generateReport(ctx, t, key, topic, 1000)
+	second := ex.generateReport(ctx, t, key, topic, 1000)
+	for _, s := range []*connect.ServerStreamForClient[aiservicev1.GenerateReportResponse]{first, second} {
+		if !s.Receive() {
+			t.Fatalf("GenerateReport: %v", s.Err())
+		}
+	}
+	third := ex.generateReport(t.Context(), t, key, topic, 1000)
+	if third.Receive() {
+		t.Fatal("a third concurrent stream was allowed")
+	}
+	err := third.Err()
+	if connect.CodeOf(err) != connect.CodeResourceExhausted || !strings.Contains(err.Error(), `"generate_streams"`) {
+		t.Fatalf("third stream: %v, want resource_exhausted naming generate_streams", err)
+	}
+	qf := errorDetails[*errdetails.QuotaFailure](err)
+	if len(qf) != 1 || len(qf[0].GetViolations()) != 1 ||
+		qf[0].GetViolations()[0].GetQuotaId() != "generate_streams" || qf[0].GetViolations()[0].GetSubject() != "key:alice-demo" {
+		t.Fatalf("QuotaFailure = %v, want one violation of generate_streams by key:alice-demo", qf)
+	}
+	if ri := errorDetails[*errdetails.RetryInfo](err); len(ri) != 0 {
+		t.Fatalf("RetryInfo = %v, want none: when a slot frees up depends on other calls", ri)
+	}
+	// Another caller has slots of its own.
+	other := ex.generateReport(ctx, t, "demo-key-bob", topic, 1000)
+	if !other.Receive() {
+		t.Fatalf("bob's stream: %v", other.Err())
+	}
+	// Ending a stream frees its slot.
+	if err := first.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if usage == nil || usage.GetCompletionTokens() != tokens || tokens == 0 || tokens > 64 {
-		t.Fatalf("usage = %v with %d streamed tokens", usage, tokens)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		again := ex.generateReport(ctx, t, key, topic, 1000)
+		if again.Receive() {
+			break
+		}
+		if connect.CodeOf(again.Err()) != connect.CodeResourceExhausted || time.Now().After(deadline) {
+			t.Fatalf("after closing a stream: %v", again.Err())
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
-	if got := stream.ResponseHeader().Get("RateLimit"); got != `"generate";r=19950;t=4` {
-		t.Fatalf("RateLimit = %q", got)
+}
+
+// TestReportTooBigForTier checks that a report whose estimate exceeds the
+// caller's bucket is denied as never affordable, and charges nothing.
+func TestReportTooBigForTier(t *testing.T) {
+	t.Parallel()
+	ex := start(t)
+	const topic = "everything about rate limiting"
+	// Anonymous callers hold at most 10,000 generate_tokens.
+	stream := ex.generateReport(t.Context(), t, "", topic, 20_000)
+	if stream.Receive() {
+		t.Fatal("a report estimated at over 20,000 tokens was allowed")
+	}
+	err := stream.Err()
+	if connect.CodeOf(err) != connect.CodeResourceExhausted || !strings.Contains(err.Error(), "can never be allowed") {
+		t.Fatalf("err = %v, want resource_exhausted saying it can never be allowed", err)
+	}
+	if ri := errorDetails[*errdetails.RetryInfo](err); len(ri) != 0 {
+		t.Fatalf("RetryInfo = %v, want none: no wait helps", ri)
+	}
+	if ra := stream.ResponseHeader().Get("Retry-After"); ra != "" {
+		t.Fatalf("Retry-After = %q, want none", ra)
+	}
+	qf := errorDetails[*errdetails.QuotaFailure](err)
+	if len(qf) != 1 || len(qf[0].GetViolations()) != 1 || qf[0].GetViolations()[0].GetQuotaId() != "generate_tokens" {
+		t.Fatalf("QuotaFailure = %v, want one violation of generate_tokens", qf)
+	}
+	buckets, _ := ex.getQuota(t, "")
+	for name, b := range buckets {
+		if b.GetRemaining() != b.GetCapacity() {
+			t.Errorf("%s = %v, want full: a denied call charges nothing", name, b)
+		}
+	}
+	// The same report fits a pro key's bucket.
+	pro := ex.generateReport(t.Context(), t, "demo-key-pro", topic, 20_000)
+	for pro.Receive() {
+	}
+	if err := pro.Err(); err != nil {
+		t.Fatalf("pro: %v", err)
 	}
 }
 

@@ -4,9 +4,17 @@
 // headers. When the server answers with CodeResourceExhausted it prints the
 // error, its google.rpc.RetryInfo detail and the Retry-After header, and
 // stops calling Search. With -report it then streams one GenerateReport call,
-// which draws from a different bucket.
+// which is priced in LLM tokens, and shows the caller's generate_tokens
+// bucket (from connectlimit.v1.QuotaService) before the call, once the
+// call's estimate is reserved, and after the stream, settled to the tokens
+// the report really used.
 //
-//	go run ./examples/aiservice/client -key demo -n 70 -report
+// With -quota it only prints where the caller stands in every bucket of its
+// tier, without charging anything.
+//
+//	go run ./examples/aiservice/client -n 70
+//	go run ./examples/aiservice/client -key demo-key-alice -n 3 -report
+//	go run ./examples/aiservice/client -key demo-key-pro -quota
 package main
 
 import (
@@ -18,12 +26,15 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"time"
 
 	"connectrpc.com/connect"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 
 	aiservicev1 "github.com/connectlimit/connectlimit/examples/aiservice/gen/aiservice/v1"
 	"github.com/connectlimit/connectlimit/examples/aiservice/gen/aiservice/v1/aiservicev1connect"
+	connectlimitv1 "github.com/connectlimit/connectlimit/proto/connectlimit/v1"
+	"github.com/connectlimit/connectlimit/proto/connectlimit/v1/connectlimitv1connect"
 )
 
 func main() {
@@ -33,19 +44,28 @@ func main() {
 	query := flag.String("query", "token bucket rate limiting", "Search query")
 	report := flag.Bool("report", false, "also call GenerateReport")
 	topic := flag.String("topic", "rate limiting for LLM APIs", "GenerateReport topic (with -report)")
-	maxTokens := flag.Int("max-tokens", 200, "GenerateReport max_tokens (with -report)")
+	maxTokens := flag.Int("max-tokens", 1000, "GenerateReport max_tokens (with -report)")
+	quota := flag.Bool("quota", false, "only print the caller's quota (connectlimit.v1.QuotaService/GetQuota)")
 	flag.Parse()
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()
 	client := aiservicev1connect.NewAIServiceClient(http.DefaultClient, *addr)
+	quotas := connectlimitv1connect.NewQuotaServiceClient(http.DefaultClient, *addr)
 
+	if *quota {
+		if err := printQuota(ctx, quotas, *key); err != nil {
+			fmt.Fprintf(os.Stderr, "quota: %v\n", err)
+			os.Exit(1)
+		}
+		return
+	}
 	if err := search(ctx, client, *key, *query, *n); err != nil {
 		fmt.Fprintf(os.Stderr, "search: %v\n", err)
 		os.Exit(1)
 	}
 	if *report {
-		if err := generateReport(ctx, client, *key, *topic, *maxTokens); err != nil {
+		if err := generateReport(ctx, client, quotas, *key, *topic, *maxTokens); err != nil {
 			fmt.Fprintf(os.Stderr, "generate report: %v\n", err)
 			os.Exit(1)
 		}
@@ -68,8 +88,13 @@ func search(ctx context.Context, client aiservicev1connect.AIServiceClient, key,
 	return nil
 }
 
-// generateReport streams one report to stdout and prints its usage.
-func generateReport(ctx context.Context, client aiservicev1connect.AIServiceClient, key, topic string, maxTokens int) error {
+// generateReport streams one report to stdout and prints its usage, with
+// the caller's generate_tokens bucket before the call, once the call's
+// estimate is reserved, and after the stream is settled.
+func generateReport(ctx context.Context, client aiservicev1connect.AIServiceClient, quotas connectlimitv1connect.QuotaServiceClient, key, topic string, maxTokens int) error {
+	if err := printTokens(ctx, quotas, key, "before the call"); err != nil {
+		return err
+	}
 	// Out-of-range values are clamped to int32 so that the server, not this
 	// client, gets to reject them.
 	clamped := int32(max(min(maxTokens, math.MaxInt32), math.MinInt32))
@@ -81,22 +106,71 @@ func generateReport(ctx context.Context, client aiservicev1connect.AIServiceClie
 		return explainDenial(err)
 	}
 	defer stream.Close()
-	fmt.Fprintf(os.Stdout, "report: %s\n", limitHeaders(stream.ResponseHeader()))
 	var usage *aiservicev1.Usage
+	received := false
 	for stream.Receive() {
+		if !received {
+			received = true
+			// The estimate was reserved before the first message, and the
+			// stream is still running.
+			fmt.Fprintf(os.Stdout, "report: %s\n", limitHeaders(stream.ResponseHeader()))
+			if err := printTokens(ctx, quotas, key, "estimate reserved"); err != nil {
+				return err
+			}
+		}
 		fmt.Fprint(os.Stdout, stream.Msg().GetText())
 		if u := stream.Msg().GetUsage(); u != nil {
 			usage = u
 		}
 	}
-	fmt.Fprintln(os.Stdout)
+	if received {
+		fmt.Fprintln(os.Stdout)
+	}
 	if err := stream.Err(); err != nil {
 		fmt.Fprintf(os.Stdout, "report: %v\n", connect.CodeOf(err))
 		return explainDenial(err)
 	}
 	fmt.Fprintf(os.Stdout, "report usage: prompt=%d completion=%d total=%d tokens\n",
 		usage.GetPromptTokens(), usage.GetCompletionTokens(), usage.GetTotalTokens())
+	return printTokens(ctx, quotas, key, "settled to usage")
+}
+
+// printQuota prints every bucket and concurrency limit of the caller's tier.
+func printQuota(ctx context.Context, quotas connectlimitv1connect.QuotaServiceClient, key string) error {
+	req := connect.NewRequest(&connectlimitv1.GetQuotaRequest{})
+	setKey(req.Header(), key)
+	res, err := quotas.GetQuota(ctx, req)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(os.Stdout, "%s, tier %s\n", res.Msg.GetSubject(), res.Msg.GetTier())
+	for _, b := range res.Msg.GetBuckets() {
+		fmt.Fprintf(os.Stdout, "  %-18s %s\n", b.GetName(), formatBucket(b))
+	}
+	for _, c := range res.Msg.GetConcurrency() {
+		fmt.Fprintf(os.Stdout, "  %-18s %d at once\n", c.GetName(), c.GetLimit())
+	}
 	return nil
+}
+
+// printTokens prints the caller's generate_tokens bucket, labelled with when.
+func printTokens(ctx context.Context, quotas connectlimitv1connect.QuotaServiceClient, key, when string) error {
+	req := connect.NewRequest(&connectlimitv1.GetQuotaRequest{Buckets: []string{"generate_tokens"}})
+	setKey(req.Header(), key)
+	res, err := quotas.GetQuota(ctx, req)
+	if err != nil {
+		return fmt.Errorf("GetQuota: %w", err)
+	}
+	for _, b := range res.Msg.GetBuckets() {
+		fmt.Fprintf(os.Stdout, "quota: %-18s %s  (%s)\n", b.GetName(), formatBucket(b), when)
+	}
+	return nil
+}
+
+// formatBucket formats one bucket of a GetQuota response.
+func formatBucket(b *connectlimitv1.BucketQuota) string {
+	return fmt.Sprintf("%11.1f / %-9.0f refill %.4g/s, full in %v",
+		b.GetRemaining(), b.GetCapacity(), b.GetRefillPerSecond(), b.GetResetAfter().AsDuration().Round(time.Millisecond))
 }
 
 // setKey sends the API key, if any, as a bearer token.
@@ -116,8 +190,16 @@ func explainDenial(err error) error {
 	fmt.Fprintf(os.Stdout, "  rate limited: %s\n", connectErr.Message())
 	for _, detail := range connectErr.Details() {
 		value, valueErr := detail.Value()
-		if retryInfo, ok := value.(*errdetails.RetryInfo); ok && valueErr == nil {
-			fmt.Fprintf(os.Stdout, "  RetryInfo.retry_delay: %v\n", retryInfo.GetRetryDelay().AsDuration())
+		if valueErr != nil {
+			continue
+		}
+		switch v := value.(type) {
+		case *errdetails.RetryInfo:
+			fmt.Fprintf(os.Stdout, "  RetryInfo.retry_delay: %v\n", v.GetRetryDelay().AsDuration())
+		case *errdetails.QuotaFailure:
+			for _, violation := range v.GetViolations() {
+				fmt.Fprintf(os.Stdout, "  QuotaFailure: %s: %s\n", violation.GetSubject(), violation.GetDescription())
+			}
 		}
 	}
 	fmt.Fprintf(os.Stdout, "  Retry-After: %s  %s\n", orDash(connectErr.Meta().Get("Retry-After")), limitHeaders(connectErr.Meta()))

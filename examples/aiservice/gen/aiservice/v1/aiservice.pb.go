@@ -404,12 +404,15 @@ const file_aiservice_v1_aiservice_proto_rawDesc = "" +
 	"\x05Usage\x12#\n" +
 	"\rprompt_tokens\x18\x01 \x01(\x05R\fpromptTokens\x12+\n" +
 	"\x11completion_tokens\x18\x02 \x01(\x05R\x10completionTokens\x12!\n" +
-	"\ftotal_tokens\x18\x03 \x01(\x05R\vtotalTokens2\xe2\x01\n" +
-	"\tAIService\x12]\n" +
-	"\x06Search\x12\x1b.aiservice.v1.SearchRequest\x1a\x1c.aiservice.v1.SearchResponse\"\x18\xaa\xfd\x1b\x11\n" +
-	"\x06search\x11\x00\x00\x00\x00\x00\x00\xf0?\x90\x02\x01\x12v\n" +
-	"\x0eGenerateReport\x12#.aiservice.v1.GenerateReportRequest\x1a$.aiservice.v1.GenerateReportResponse\"\x17\xaa\xfd\x1b\x13\n" +
-	"\bgenerate\x11\x00\x00\x00\x00\x00\x00I@0\x01BVZTgithub.com/connectlimit/connectlimit/examples/aiservice/gen/aiservice/v1;aiservicev1b\x06proto3"
+	"\ftotal_tokens\x18\x03 \x01(\x05R\vtotalTokens2\xd4\x04\n" +
+	"\tAIService\x12y\n" +
+	"\x06Search\x12\x1b.aiservice.v1.SearchRequest\x1a\x1c.aiservice.v1.SearchResponse\"4\xaa\xfd\x1b-\x1a\x11\n" +
+	"\x06search\x11\x00\x00\x00\x00\x00\x00\xf0?\x1a\x18\n" +
+	"\rall_ai_tokens\x11\x00\x00\x00\x00\x00\x00\xf0?\x90\x02\x01\x12\xcb\x03\n" +
+	"\x0eGenerateReport\x12#.aiservice.v1.GenerateReportRequest\x1a$.aiservice.v1.GenerateReportResponse\"\xeb\x02\xaa\xfd\x1b\xe6\x02\x1a\x1c\n" +
+	"\x11generate_requests\x11\x00\x00\x00\x00\x00\x00\xf0?\x1a\x99\x01\n" +
+	"\x0fgenerate_tokens\x1a:(size(bytes(request.topic)) + 31) / 4 + request.max_tokens\"Jresponse.tokens + (has(response.usage) ? response.usage.prompt_tokens : 0)\x1a\x97\x01\n" +
+	"\rall_ai_tokens\x1a:(size(bytes(request.topic)) + 31) / 4 + request.max_tokens\"Jresponse.tokens + (has(response.usage) ? response.usage.prompt_tokens : 0)\"\x10generate_streams0\x01BVZTgithub.com/connectlimit/connectlimit/examples/aiservice/gen/aiservice/v1;aiservicev1b\x06proto3"
 
 var (
 	file_aiservice_v1_aiservice_proto_rawDescOnce sync.Once

@@ -46,10 +46,17 @@ const (
 // AIServiceClient is a client for the aiservice.v1.AIService service.
 type AIServiceClient interface {
 	// Search returns the corpus documents that best match a query. It is cheap:
-	// one token from the "search" bucket per call.
+	// one token from the caller's "search" bucket and one from its
+	// "all_ai_tokens" budget per call.
 	Search(context.Context, *connect.Request[v1.SearchRequest]) (*connect.Response[v1.SearchResponse], error)
 	// GenerateReport streams a report about a topic, one chunk of text per
-	// message. It is expensive: 50 tokens from the "generate" bucket per call.
+	// message. It is expensive, and priced in LLM tokens: a call takes one
+	// token from the caller's "generate_requests" bucket, and reserves its
+	// largest possible usage (the prompt plus max_tokens) in both
+	// "generate_tokens" and the "all_ai_tokens" budget. When the stream ends,
+	// the reservation is settled to the tokens its messages report (for a
+	// complete report, usage.total_tokens) and the rest is refunded. A caller
+	// may have at most "generate_streams" reports generating at once.
 	GenerateReport(context.Context, *connect.Request[v1.GenerateReportRequest]) (*connect.ServerStreamForClient[v1.GenerateReportResponse], error)
 }
 
@@ -99,10 +106,17 @@ func (c *aIServiceClient) GenerateReport(ctx context.Context, req *connect.Reque
 // AIServiceHandler is an implementation of the aiservice.v1.AIService service.
 type AIServiceHandler interface {
 	// Search returns the corpus documents that best match a query. It is cheap:
-	// one token from the "search" bucket per call.
+	// one token from the caller's "search" bucket and one from its
+	// "all_ai_tokens" budget per call.
 	Search(context.Context, *connect.Request[v1.SearchRequest]) (*connect.Response[v1.SearchResponse], error)
 	// GenerateReport streams a report about a topic, one chunk of text per
-	// message. It is expensive: 50 tokens from the "generate" bucket per call.
+	// message. It is expensive, and priced in LLM tokens: a call takes one
+	// token from the caller's "generate_requests" bucket, and reserves its
+	// largest possible usage (the prompt plus max_tokens) in both
+	// "generate_tokens" and the "all_ai_tokens" budget. When the stream ends,
+	// the reservation is settled to the tokens its messages report (for a
+	// complete report, usage.total_tokens) and the rest is refunded. A caller
+	// may have at most "generate_streams" reports generating at once.
 	GenerateReport(context.Context, *connect.Request[v1.GenerateReportRequest], *connect.ServerStream[v1.GenerateReportResponse]) error
 }
 
