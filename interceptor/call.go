@@ -27,7 +27,8 @@ type call struct {
 	subject   string
 	stream    connect.StreamType
 	// id is unique per call: the lease's ID and the settlement's
-	// idempotency ID.
+	// idempotency ID. It is made on first use (see callID), since most
+	// calls need neither.
 	id    string
 	lease *lease
 
@@ -44,12 +45,18 @@ type call struct {
 }
 
 func newCall(i *Interceptor, spec connect.Spec, rule *costmap.Rule, tier *costmap.Tier, subject string) *call {
-	var b [12]byte
-	_, _ = rand.Read(b[:]) // crypto/rand.Read never fails
-	return &call{
-		ic: i, procedure: spec.Procedure, rule: rule, tier: tier, subject: subject,
-		stream: spec.StreamType, id: base64.RawURLEncoding.EncodeToString(b[:]),
+	return &call{ic: i, procedure: spec.Procedure, rule: rule, tier: tier, subject: subject, stream: spec.StreamType}
+}
+
+// callID returns the call's unique ID. Only the goroutine running the
+// interceptor calls it (to acquire a lease, then to settle).
+func (c *call) callID() string {
+	if c.id == "" {
+		var b [12]byte
+		_, _ = rand.Read(b[:]) // crypto/rand.Read never fails
+		c.id = base64.RawURLEncoding.EncodeToString(b[:])
 	}
+	return c.id
 }
 
 // perMessage reports whether every received message is charged (client
@@ -182,7 +189,7 @@ func (c *call) settle(ctx context.Context, failed bool) *bucket.Decision {
 	if len(adjust) == 0 {
 		return reserved
 	}
-	req := bucket.Request{Subject: c.subject, Charges: adjust, Mode: bucket.ModeAdjust, ID: c.id}
+	req := bucket.Request{Subject: c.subject, Charges: adjust, Mode: bucket.ModeAdjust, ID: c.callID()}
 	// A caller that went away is still owed its refund.
 	d, err := c.take(context.WithoutCancel(ctx), req)
 	if err != nil {

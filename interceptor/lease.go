@@ -30,7 +30,7 @@ func (c *call) acquireLease(ctx context.Context, conc costmap.Concurrency) error
 			"procedure", c.procedure, "limit", conc.Name)
 		return connect.NewError(connect.CodeInternal, errors.New("connectlimit: rate limit misconfigured for this procedure"))
 	}
-	req := bucket.LeaseRequest{Subject: c.subject, Name: conc.Name, Limit: conc.Limit, ID: c.id, TTL: conc.Lease}
+	req := bucket.LeaseRequest{Subject: c.subject, Name: conc.Name, Limit: conc.Limit, ID: c.callID(), TTL: conc.Lease}
 	actx, cancel := context.WithTimeout(ctx, c.ic.cfg.timeout)
 	d, err := ls.Acquire(actx, req)
 	cancel()
