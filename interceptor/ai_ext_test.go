@@ -105,7 +105,14 @@ func newAIFixture(t *testing.T, cfg costmap.Config, store bucket.Store, opts ...
 	if err != nil {
 		t.Fatal(err)
 	}
-	opts = append([]interceptor.Option{interceptor.WithLogger(slog.New(slog.DiscardHandler))}, opts...)
+	// Quiet, and failing closed with a long timeout: a slow store on a
+	// busy machine must fail a test loudly, never let calls through
+	// uncharged. Tests of the failure policy pass their own options.
+	opts = append([]interceptor.Option{
+		interceptor.WithLogger(slog.New(slog.DiscardHandler)),
+		interceptor.WithFailurePolicy(interceptor.FailClosed),
+		interceptor.WithStoreTimeout(10 * time.Second),
+	}, opts...)
 	f.ic, err = interceptor.NewInterceptor(f.store, costs, opts...)
 	if err != nil {
 		t.Fatal(err)

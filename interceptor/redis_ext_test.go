@@ -39,9 +39,12 @@ func TestExactAcrossInstances(t *testing.T) {
 	const (
 		instances  = 3
 		goroutines = 240
-		capacity   = 50
-		rate       = 80 // calls per second, well below what the machine serves under -race
-		duration   = 2 * time.Second
+		// The capacity holds 2 s of refill, so that a scheduling stall of
+		// a busy machine does not waste refill; the rate is well below
+		// what the machine serves under -race.
+		capacity = 160
+		rate     = 80
+		duration = 2 * time.Second
 	)
 	cfg := costmap.Config{Buckets: map[string]costmap.BucketConfig{
 		"search":   {Capacity: capacity, RefillPerSecond: rate},

@@ -18,7 +18,11 @@ import (
 	"github.com/connectlimit/connectlimit/server"
 )
 
+// validYAML fails closed with a long timeout: on a busy test machine a slow
+// store must fail a test, never let calls through uncharged.
 const validYAML = `
+failure_policy: closed
+store_timeout: 10s
 buckets:
   search: { capacity: 2, refill_per_second: 0.001 }
 api_keys:

@@ -726,10 +726,11 @@ func admissible(lim bucket.Limit, d time.Duration) float64 {
 
 // floodLimit and floodTime size the exactness runs: demand (hundreds of
 // callers) far above the refill, for long enough to refill 6 capacities.
-// The capacity holds 250 ms of refill, so that a scheduling stall of a busy
-// test machine does not waste refill.
+// The capacity holds 1 s of refill, so that a scheduling stall of a busy
+// test machine (a cold CI run compiles other packages meanwhile) does not
+// waste refill.
 var (
-	floodLimit = bucket.Limit{Capacity: 100, RefillPerSecond: 400}
+	floodLimit = bucket.Limit{Capacity: 400, RefillPerSecond: 400}
 	floodTime  = 1500 * time.Millisecond
 )
 

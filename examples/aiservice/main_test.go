@@ -7,6 +7,9 @@ import (
 	"maps"
 	"math"
 	"net/http"
+	"os"
+	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -35,8 +38,15 @@ func start(t *testing.T, args ...string) *example {
 	ctx, cancel := context.WithCancel(context.Background())
 	addrc := make(chan string, 1)
 	done := make(chan error, 1)
+	// The built-in configuration, failing closed with a long store timeout:
+	// on a busy test machine a slow store must fail the test, never let
+	// calls through uncharged.
+	config := filepath.Join(t.TempDir(), "config.yaml")
+	if err := os.WriteFile(config, append(slices.Clone(defaultConfig), "\nfailure_policy: closed\nstore_timeout: 10s\n"...), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	go func() {
-		done <- run(ctx, append([]string{"-addr", "127.0.0.1:0", "-chunk-delay", "0"}, args...), io.Discard, func(a string) { addrc <- a })
+		done <- run(ctx, append([]string{"-addr", "127.0.0.1:0", "-chunk-delay", "0", "-config", config}, args...), io.Discard, func(a string) { addrc <- a })
 	}()
 	t.Cleanup(func() {
 		cancel()
