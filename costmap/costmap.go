@@ -31,6 +31,9 @@ import (
 type Map struct {
 	cfg   Config
 	tiers map[string]*Tier
+	// anonymous is the tier of anonymous callers when the configuration
+	// declares none: the default limits under the name "anonymous".
+	anonymous *Tier
 	// rules caches resolved procedures: *Rule, or nil for unlimited ones.
 	rules sync.Map
 }
@@ -46,7 +49,8 @@ func New(cfg Config, services ...protoreflect.ServiceDescriptor) (*Map, error) {
 	if err != nil {
 		return nil, err
 	}
-	m := &Map{cfg: cfg, tiers: tiers}
+	base := tiers[""]
+	m := &Map{cfg: cfg, tiers: tiers, anonymous: &Tier{Name: AnonymousTier, limits: base.limits, concurrency: base.concurrency}}
 	for _, sd := range services {
 		methods := sd.Methods()
 		for i := range methods.Len() {
@@ -135,7 +139,7 @@ func (m *Map) Tier(tier string, anonymous bool) (*Tier, error) {
 		return t, nil
 	}
 	if tier == AnonymousTier {
-		return &Tier{Name: AnonymousTier, key: "", limits: m.tiers[""].limits, concurrency: m.tiers[""].concurrency}, nil
+		return m.anonymous, nil
 	}
 	return nil, fmt.Errorf("costmap: tier %q is not declared under tiers: (declared: %s)", tier, strings.Join(sortedKeys(m.cfg.Tiers), ", "))
 }

@@ -24,7 +24,7 @@ import (
 type brokenStore struct{}
 
 func (brokenStore) Take(context.Context, bucket.Request) (bucket.Decision, error) {
-	return bucket.Decision{}, errors.New("dial tcp 10.0.0.9:6379: secret backend detail")
+	return bucket.Decision{}, errors.New("dial tcp 10.0.0.9:7001: secret backend detail")
 }
 
 // hungStore never answers before the context ends, like a Redis that
@@ -102,7 +102,7 @@ func TestStoreFailurePolicy(t *testing.T) {
 				if connect.CodeOf(err) != tc.wantCode {
 					t.Fatalf("err = %v, want %v", err, tc.wantCode)
 				}
-				if strings.Contains(err.Error(), "secret") || strings.Contains(err.Error(), "6379") {
+				if strings.Contains(err.Error(), "secret") || strings.Contains(err.Error(), "7001") {
 					t.Fatalf("backend detail leaked to the client: %v", err)
 				}
 				var ce *connect.Error

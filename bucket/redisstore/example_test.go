@@ -3,6 +3,7 @@ package redisstore_test
 import (
 	"context"
 	"fmt"
+	"os"
 
 	"github.com/redis/go-redis/v9"
 
@@ -10,10 +11,10 @@ import (
 	"github.com/connectlimit/connectlimit/bucket/redisstore"
 )
 
-// This example is compiled but not run: it needs a Redis at localhost:6379.
+// This example is compiled but not run: it needs a Redis at $REDIS_ADDR.
 func ExampleNew() {
 	client := redis.NewClient(&redis.Options{
-		Addr: "localhost:6379",
+		Addr: os.Getenv("REDIS_ADDR"), // host:port of your Redis
 		// Fail a call at its context's deadline, even if Redis hangs.
 		ContextTimeoutEnabled: true,
 		// Never resend a script whose reply was lost: charge at most once.
