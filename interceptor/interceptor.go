@@ -152,10 +152,10 @@ func (i *Interceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
 			return next(ctx, req)
 		}
 		c, err := i.start(ctx, spec, req.Peer(), req.Header())
-		if err != nil || c == nil {
-			if err != nil {
-				return nil, err
-			}
+		if err != nil {
+			return nil, err
+		}
+		if c == nil {
 			return next(ctx, req)
 		}
 		defer c.releaseLease(ctx)
