@@ -56,3 +56,17 @@ func BenchmarkCharges(b *testing.B) {
 		}
 	})
 }
+func BenchmarkLookup(b *testing.B) {
+	svc := prototest.NewService(b, prototest.Method{Name: "Search", Limit: prototest.Limit("search", nil)})
+	m, err := costmap.New(baseConfig(), svc)
+	if err != nil {
+		b.Fatal(err)
+	}
+	md := svc.Methods().Get(0)
+	b.ReportAllocs()
+	for b.Loop() {
+		if r, err := m.Lookup(md); err != nil || r == nil {
+			b.Fatal(r, err)
+		}
+	}
+}

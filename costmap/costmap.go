@@ -34,8 +34,12 @@ type Map struct {
 	// anonymous is the tier of anonymous callers when the configuration
 	// declares none: the default limits under the name "anonymous".
 	anonymous *Tier
-	// rules caches resolved procedures: *Rule, or nil for unlimited ones.
+	// rules caches resolved procedures by name: *Rule, or nil for
+	// unlimited ones.
 	rules sync.Map
+	// byMethod caches the same rules by method descriptor, so the lookup
+	// made on every call does not build the procedure's name.
+	byMethod sync.Map
 }
 
 // New builds a Map from a configuration and the services whose procedures
@@ -87,20 +91,24 @@ func Procedure(md protoreflect.MethodDescriptor) string {
 // configuration (an undeclared bucket, a bad cost, an expression that does
 // not compile), naming the procedure.
 func (m *Map) Lookup(md protoreflect.MethodDescriptor) (*Rule, error) {
-	proc := Procedure(md)
-	if r, ok := m.rules.Load(proc); ok {
+	if r, ok := m.byMethod.Load(md); ok {
 		return r.(*Rule), nil //nolint:forcetypeassert // only *Rule is stored
 	}
-	spec, ok := m.specFor(proc, md)
-	var r *Rule
-	if ok {
-		var err error
-		if r, err = m.compile(proc, md, spec); err != nil {
-			return nil, err
+	proc := Procedure(md)
+	r, ok := m.rules.Load(proc)
+	if !ok {
+		spec, limited := m.specFor(proc, md)
+		var rule *Rule
+		if limited {
+			var err error
+			if rule, err = m.compile(proc, md, spec); err != nil {
+				return nil, err
+			}
 		}
+		r, _ = m.rules.LoadOrStore(proc, rule)
 	}
-	actual, _ := m.rules.LoadOrStore(proc, r)
-	return actual.(*Rule), nil //nolint:forcetypeassert // only *Rule is stored
+	m.byMethod.Store(md, r)
+	return r.(*Rule), nil //nolint:forcetypeassert // only *Rule is stored
 }
 
 // LookupProcedure returns the rule for a procedure named

@@ -104,7 +104,9 @@ func (c *call) reserve(ctx context.Context, msg proto.Message) error {
 	defer c.mu.Unlock()
 	n := len(charges)
 	c.reserved = slices.Clone(charges)
-	c.usage, c.reported, c.isReported = make([]float64, n), make([]float64, n), make([]bool, n)
+	// One allocation for both running totals.
+	totals := make([]float64, 2*n)
+	c.usage, c.reported, c.isReported = totals[:n:n], totals[n:], make([]bool, n)
 	c.decision = &d
 	return nil
 }

@@ -66,10 +66,7 @@ var start = time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
 // Run runs the contract suite against stores made by newStore.
 func Run(t *testing.T, newStore NewStore) {
 	t.Helper()
-	for _, tc := range []struct {
-		name string
-		run  func(*testing.T, NewStore)
-	}{
+	runCases(t, newStore, []testCase[NewStore]{
 		{"FreshBucketIsFull", testFreshBucketIsFull},
 		{"DrainThenRefill", testDrainThenRefill},
 		{"SubMillisecondRefill", testSubMillisecondRefill},
@@ -92,7 +89,20 @@ func Run(t *testing.T, newStore NewStore) {
 		{"IDExpires", testIDExpires},
 		{"IDsAreIndependent", testIDsAreIndependent},
 		{"SettleIsExact", testSettleIsExact},
-	} {
+	})
+}
+
+// testCase is one named case of a contract suite.
+type testCase[S any] struct {
+	name string
+	run  func(*testing.T, S)
+}
+
+// runCases runs every case as a parallel subtest against stores made by
+// newStore.
+func runCases[S any](t *testing.T, newStore S, cases []testCase[S]) {
+	t.Helper()
+	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
 			tc.run(t, newStore)

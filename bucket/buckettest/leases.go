@@ -24,10 +24,7 @@ type NewLeaseStore func(t *testing.T, clock *Clock) bucket.LeaseStore
 // buckets of the same names do not interfere.
 func RunLeases(t *testing.T, newStore NewLeaseStore) {
 	t.Helper()
-	for _, tc := range []struct {
-		name string
-		run  func(*testing.T, NewLeaseStore)
-	}{
+	runCases(t, newStore, []testCase[NewLeaseStore]{
 		{"LimitHolds", testLeaseLimitHolds},
 		{"ReleaseFreesSlot", testLeaseReleaseFreesSlot},
 		{"RenewExtends", testLeaseRenewExtends},
@@ -40,12 +37,7 @@ func RunLeases(t *testing.T, newStore NewLeaseStore) {
 		{"InvalidRequests", testLeaseInvalidRequests},
 		{"CanceledContext", testLeaseCanceledContext},
 		{"ConcurrentHoldersNeverExceedLimit", testLeaseConcurrent},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			t.Parallel()
-			tc.run(t, newStore)
-		})
-	}
+	})
 }
 
 // leaseStep is one call in a table-driven lease scenario: advance the
