@@ -8,9 +8,14 @@
 // indistinguishable from one that was never used, so stores keep no state for
 // it.
 //
-// A [Request] may carry an ID, which makes it idempotent: a store applies at
-// most one request per subject and ID within [IdempotencyWindow], so that a
-// caller may resend a request whose reply it lost without charging twice.
+// A store call has three outcomes: applied, not applied, or unknown (the
+// request was sent but its reply was lost, so it may have been applied).
+// A [Store] says which with the decision it returns or with an error
+// wrapping [ErrNotApplied] or [ErrOutcomeUnknown]; [MayHaveApplied] reads
+// it. A [Request] may carry an ID, which makes it idempotent: a store that
+// can lose replies applies at most one request per subject and ID within
+// [Request.IDWindow], so that a caller may resend a request whose outcome
+// is unknown without charging twice.
 //
 // A store that also implements [LeaseStore] limits concurrency: at most
 // [LeaseRequest.Limit] leases of one subject and name are live at once,
@@ -38,21 +43,61 @@ const MaxCharges = 16
 // bounds the memory a store spends remembering IDs.
 const MaxIDBytes = 128
 
-// IdempotencyWindow is how long a store remembers the ID of a [Request] it
-// applied: a request with the same subject and ID that arrives less than
-// IdempotencyWindow later (on the store's clock) is a duplicate and is not
-// applied again; one that arrives later is applied as a new request. Ten
-// minutes is far longer than any retry of a lost reply takes, and short
-// enough that remembered IDs cost little memory.
-const IdempotencyWindow = 10 * time.Minute
+// DefaultIDWindow is how long a store remembers the ID of a [Request] it
+// applied when the request's IDWindow is zero: a request with the same
+// subject and ID that arrives less than the window later (on the store's
+// clock) is a duplicate and is not applied again; one that arrives later is
+// applied as a new request. Callers that resend requests set IDWindow to
+// cover their longest resend (the interceptor derives it from its settle
+// retry duration); two minutes covers a one-minute retry with room to spare
+// while keeping the memory remembered IDs cost small.
+const DefaultIDWindow = 2 * time.Minute
+
+// MaxIDWindow is the longest [Request.IDWindow]: one hour. Every remembered
+// ID costs store memory for its whole window.
+const MaxIDWindow = time.Hour
+
+// MaxTokens is the largest capacity, refill rate or cost (in absolute value)
+// a [Limit] or [Charge] may have: 1e15 tokens. Below it, token counts are
+// exact to well under a token in a float64, and every count a header or a
+// detail prints fits an int64.
+const MaxTokens = 1e15
 
 // tolerance absorbs floating-point noise when comparing a level with a cost,
 // so that a caller who waits exactly RetryAfter is allowed.
 const tolerance = 1e-9
 
 // ErrInvalidRequest is wrapped by every error a [Store] returns for a
-// malformed [Request] (as opposed to a backend failure).
+// malformed [Request] (as opposed to a backend failure). Such a request was
+// not applied.
 var ErrInvalidRequest = errors.New("bucket: invalid request")
+
+// ErrNotApplied is wrapped by a [Store] error when the store is certain the
+// request was not applied and never will be: it was never sent (the
+// connection could not be made, the caller's context ended while it waited
+// for its turn, a circuit breaker is open) or the backend refused it with an
+// error before changing anything. The caller may resend it, or treat the
+// call as uncharged.
+var ErrNotApplied = errors.New("bucket: request not applied")
+
+// ErrOutcomeUnknown is wrapped by a [Store] error when the request may have
+// been applied: it was sent, and its reply was lost (a timeout, a dropped
+// connection). Only a resend with the same [Request.ID] (which the store
+// recognises as a duplicate if the first one was applied) tells which.
+var ErrOutcomeUnknown = errors.New("bucket: request outcome unknown")
+
+// ErrUnavailable is wrapped, with [ErrNotApplied], by the errors of a store
+// wrapper that refuses calls without trying the backend, such as an open
+// circuit breaker.
+var ErrUnavailable = errors.New("bucket: store unavailable")
+
+// MayHaveApplied reports whether a failed store call may have changed the
+// store: false for nil, for errors wrapping [ErrInvalidRequest] or
+// [ErrNotApplied], and true for every other error, since a store that does
+// not say otherwise may have lost the reply of a request it applied.
+func MayHaveApplied(err error) bool {
+	return err != nil && !errors.Is(err, ErrNotApplied) && !errors.Is(err, ErrInvalidRequest)
+}
 
 // Limit is the shape of one token bucket: how many tokens it holds when full
 // and how fast it refills. The zero Limit is invalid; build one with
@@ -73,18 +118,18 @@ func NewLimit(capacity, refillPerSecond float64) (Limit, error) {
 	return l, nil
 }
 
-// Validate reports whether l can be used: both fields must be finite and
-// greater than zero. The error names the field and the value.
+// Validate reports whether l can be used: both fields must be greater than
+// zero and at most [MaxTokens]. The error names the field and the value.
 func (l Limit) Validate() error {
-	if err := positiveFinite("capacity", l.Capacity); err != nil {
+	if err := positiveBounded("capacity", l.Capacity); err != nil {
 		return err
 	}
-	return positiveFinite("refill_per_second", l.RefillPerSecond)
+	return positiveBounded("refill_per_second", l.RefillPerSecond)
 }
 
-func positiveFinite(field string, v float64) error {
-	if math.IsNaN(v) || math.IsInf(v, 0) || v <= 0 {
-		return fmt.Errorf("bucket: %s must be a finite number greater than 0, got %v", field, v)
+func positiveBounded(field string, v float64) error {
+	if !(v > 0 && v <= MaxTokens) {
+		return fmt.Errorf("bucket: %s must be greater than 0 and at most %g, got %v", field, MaxTokens, v)
 	}
 	return nil
 }
@@ -174,20 +219,37 @@ type Request struct {
 	Charges []Charge
 	// Mode says how the charges are applied; the zero value is [ModeTake].
 	Mode Mode
-	// ID, when set, makes the request idempotent: the store applies at most
-	// one request per (Subject, ID) within [IdempotencyWindow]. A repeat of
-	// an applied request is not applied again; it returns Allowed true with
-	// Duplicate true and the buckets' current levels, as a zero-cost read
-	// would (see [DecideDuplicate]). The store compares only Subject and
-	// ID, not the charges, so a repeat must carry the same charges to mean
-	// anything. An ID is recorded only when its request is applied: a
-	// denied ModeTake records nothing, and may be retried with the same ID.
+	// ID, when set, makes the request idempotent: a store that can lose
+	// replies applies at most one request per (Subject, ID) within
+	// IDWindow. A repeat of an applied request is not applied again; it
+	// returns Allowed true with Duplicate true and the buckets' current
+	// levels, as a zero-cost read would (see [DecideDuplicate]). The store
+	// compares only Subject and ID, not the charges or the mode, so a
+	// repeat may differ: resending a ModeTake request whose outcome was
+	// unknown as a ModeAdjust request with the same ID charges it exactly
+	// once, whether or not the first one was applied. An ID is recorded
+	// only when its request is applied: a denied ModeTake records nothing,
+	// and may be retried with the same ID.
 	//
 	// The empty ID (the default) turns idempotency off. An ID is at most
-	// [MaxIDBytes] bytes of any value; stores escape or hash it. It exists
-	// so that the interceptor can resend a settle (a [ModeAdjust] request)
-	// whose reply was lost without charging twice.
+	// [MaxIDBytes] bytes of any value; stores escape or hash it. A store
+	// that never loses a reply (see [InProcess]) need not remember IDs at
+	// all: a caller only resends a request after an unknown outcome.
 	ID string
+	// IDWindow is how long the store remembers ID once the request is
+	// applied, on its own clock; zero means [DefaultIDWindow]. It must be at
+	// most [MaxIDWindow], and should exceed the longest time after which
+	// the caller may resend the request.
+	IDWindow time.Duration
+}
+
+// Window returns the request's ID window: IDWindow, or [DefaultIDWindow]
+// when it is zero.
+func (r Request) Window() time.Duration {
+	if r.IDWindow == 0 {
+		return DefaultIDWindow
+	}
+	return r.IDWindow
 }
 
 // Validate reports whether r is well formed. The error wraps
@@ -201,6 +263,9 @@ func (r Request) Validate() error {
 	}
 	if len(r.ID) > MaxIDBytes {
 		return fmt.Errorf("%w: id is %d bytes, want at most %d", ErrInvalidRequest, len(r.ID), MaxIDBytes)
+	}
+	if r.IDWindow < 0 || r.IDWindow > MaxIDWindow {
+		return fmt.Errorf("%w: id window must be between 0 and %v, got %v", ErrInvalidRequest, MaxIDWindow, r.IDWindow)
 	}
 	if len(r.Charges) == 0 || len(r.Charges) > MaxCharges {
 		return fmt.Errorf("%w: %d charges, want 1 to %d", ErrInvalidRequest, len(r.Charges), MaxCharges)
@@ -217,8 +282,11 @@ func (r Request) Validate() error {
 		if err := c.Limit.Validate(); err != nil {
 			return fmt.Errorf("%w: bucket %q: %w", ErrInvalidRequest, c.Bucket, err)
 		}
-		if math.IsNaN(c.Cost) || math.IsInf(c.Cost, 0) || (r.Mode == ModeTake && c.Cost < 0) {
-			return fmt.Errorf("%w: bucket %q: cost must be a finite number >= 0, got %v", ErrInvalidRequest, c.Bucket, c.Cost)
+		switch {
+		case r.Mode == ModeTake && !(c.Cost >= 0 && c.Cost <= MaxTokens):
+			return fmt.Errorf("%w: bucket %q: cost must be between 0 and %g, got %v", ErrInvalidRequest, c.Bucket, MaxTokens, c.Cost)
+		case r.Mode == ModeAdjust && !(c.Cost >= -MaxTokens && c.Cost <= MaxTokens):
+			return fmt.Errorf("%w: bucket %q: adjustment must be between %g and %g, got %v", ErrInvalidRequest, c.Bucket, -MaxTokens, MaxTokens, c.Cost)
 		}
 	}
 	return nil
@@ -375,16 +443,37 @@ func DecideDuplicate(req Request, tokens []float64) Decision {
 // safe for concurrent use, apply each request atomically (all of its
 // charges or none, and its [Request.ID] with them), and decide with their
 // own notion of the present (an injected clock in memory, the server's
-// clock in Redis), which also times [IdempotencyWindow].
+// clock in Redis), which also times [Request.IDWindow].
 //
 // Take returns an error only when the request is malformed (wrapping
 // [ErrInvalidRequest]) or the backend failed; a denial is a [Decision]
-// with Allowed false. When Take returns an error, no bucket was changed,
-// unless the backend failed after applying it and could not say so (a
-// lost reply); callers that must not double-charge treat such errors as
-// "unknown", and may resend a request that has an ID.
+// with Allowed false. A backend failure wraps [ErrNotApplied] when the
+// store is sure nothing was changed, and [ErrOutcomeUnknown] when the
+// request may have been applied (a lost reply); an error that wraps
+// neither is treated as unknown (see [MayHaveApplied]). A caller resolves
+// an unknown outcome by resending the request with the same ID.
 type Store interface {
 	Take(ctx context.Context, req Request) (Decision, error)
+}
+
+// InProcess is implemented by stores that keep their state in this
+// process's memory, such as memstore. Their calls never lose a reply: they
+// fail only before changing anything (an invalid request, a context already
+// done), so their outcomes are never unknown, they need no fallback while
+// "the store is down", and they need not remember request IDs. Wrappers
+// forward the answer of the store they wrap.
+type InProcess interface {
+	Store
+	// InProcess reports whether the store keeps its state in this
+	// process.
+	InProcess() bool
+}
+
+// IsInProcess reports whether s keeps its state in this process (see
+// [InProcess]).
+func IsInProcess(s Store) bool {
+	ip, ok := s.(InProcess)
+	return ok && ip.InProcess()
 }
 
 // LeaseRequest asks a [LeaseStore] for one of Limit concurrent slots of a
@@ -466,10 +555,12 @@ type LeaseDecision struct {
 // and read the present from the same clock as their [Store.Take].
 //
 // Acquire and Release return an error only when the request is malformed
-// (wrapping [ErrInvalidRequest]) or the backend failed; a denial is a
-// [LeaseDecision] with Acquired false. Acquire is idempotent while the lease
-// is live (a repeat renews it), so a caller may resend it after a lost
-// reply; it should Release the ID if it gives up.
+// (wrapping [ErrInvalidRequest]) or the backend failed, wrapping
+// [ErrNotApplied] or [ErrOutcomeUnknown] as [Store.Take] does; a denial is
+// a [LeaseDecision] with Acquired false. Acquire is idempotent while the
+// lease is live (a repeat renews it), so a caller may resend it after a lost
+// reply; it should Release the ID if it gives up, since a lost reply may
+// hide an acquired lease. Release is idempotent.
 type LeaseStore interface {
 	// Acquire acquires or renews the lease req.ID of (req.Subject,
 	// req.Name) if it is live or a slot is free, and reports how many

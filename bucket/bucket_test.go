@@ -19,14 +19,17 @@ func TestNewLimit(t *testing.T) {
 	}{
 		{10, 1, ""},
 		{0.5, 1e-9, ""},
-		{0, 1, "capacity must be a finite number greater than 0, got 0"},
-		{-1, 1, "capacity must be a finite number greater than 0, got -1"},
-		{math.NaN(), 1, "capacity must be a finite number greater than 0, got NaN"},
-		{math.Inf(1), 1, "capacity must be a finite number greater than 0, got +Inf"},
-		{1, 0, "refill_per_second must be a finite number greater than 0, got 0"},
-		{1, -2, "refill_per_second must be a finite number greater than 0, got -2"},
-		{1, math.NaN(), "refill_per_second must be a finite number greater than 0, got NaN"},
-		{1, math.Inf(-1), "refill_per_second must be a finite number greater than 0, got -Inf"},
+		{0, 1, "capacity must be greater than 0 and at most 1e+15, got 0"},
+		{-1, 1, "capacity must be greater than 0 and at most 1e+15, got -1"},
+		{math.NaN(), 1, "capacity must be greater than 0 and at most 1e+15, got NaN"},
+		{math.Inf(1), 1, "capacity must be greater than 0 and at most 1e+15, got +Inf"},
+		{1, 0, "refill_per_second must be greater than 0 and at most 1e+15, got 0"},
+		{1, -2, "refill_per_second must be greater than 0 and at most 1e+15, got -2"},
+		{1, math.NaN(), "refill_per_second must be greater than 0 and at most 1e+15, got NaN"},
+		{1, math.Inf(-1), "refill_per_second must be greater than 0 and at most 1e+15, got -Inf"},
+		{1e15, 1e15, ""},
+		{1e20, 1, "capacity must be greater than 0 and at most 1e+15, got 1e+20"},
+		{1, 2e15, "refill_per_second must be greater than 0 and at most 1e+15, got 2e+15"},
 	} {
 		t.Run(fmt.Sprint(tc.capacity, "/", tc.rate), func(t *testing.T) {
 			t.Parallel()
@@ -258,5 +261,38 @@ func TestLeaseRequestValidate(t *testing.T) {
 				t.Fatalf("err = %v, want %q", err, want)
 			}
 		})
+	}
+}
+
+func TestMayHaveApplied(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name string
+		err  error
+		want bool
+	}{
+		{"nil", nil, false},
+		{"invalid request", fmt.Errorf("store: %w: subject is empty", bucket.ErrInvalidRequest), false},
+		{"not applied", fmt.Errorf("store: take: %w: dial tcp: connection refused", bucket.ErrNotApplied), false},
+		{"breaker open", fmt.Errorf("breaker: %w: %w", bucket.ErrNotApplied, bucket.ErrUnavailable), false},
+		{"unknown", fmt.Errorf("store: take: %w: i/o timeout", bucket.ErrOutcomeUnknown), true},
+		{"unclassified", errors.New("something went wrong"), true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			if got := bucket.MayHaveApplied(tc.err); got != tc.want {
+				t.Fatalf("MayHaveApplied(%v) = %v, want %v", tc.err, got, tc.want)
+			}
+		})
+	}
+}
+
+func TestRequestWindow(t *testing.T) {
+	t.Parallel()
+	if got := (bucket.Request{}).Window(); got != bucket.DefaultIDWindow {
+		t.Errorf("zero IDWindow: Window() = %v, want %v", got, bucket.DefaultIDWindow)
+	}
+	if got := (bucket.Request{IDWindow: time.Minute}).Window(); got != time.Minute {
+		t.Errorf("Window() = %v, want 1m", got)
 	}
 }

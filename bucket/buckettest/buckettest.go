@@ -83,10 +83,14 @@ func Run(t *testing.T, newStore NewStore) {
 		{"InvalidRequests", testInvalidRequests},
 		{"CanceledContext", testCanceledContext},
 		{"ConcurrentTakesAreExact", testConcurrent},
+		// The cases below need a store that remembers request IDs; they
+		// skip stores that never lose a reply (bucket.InProcess).
 		{"IdempotentAdjust", testIdempotentAdjust},
 		{"IdempotentTake", testIdempotentTake},
+		{"TakeResentAsAdjust", testTakeResentAsAdjust},
 		{"DeniedTakeRecordsNoID", testDeniedTakeRecordsNoID},
 		{"IDExpires", testIDExpires},
+		{"IDWindow", testIDWindow},
 		{"IDsAreIndependent", testIDsAreIndependent},
 		{"SettleIsExact", testSettleIsExact},
 	})
@@ -433,20 +437,38 @@ func testInvalidRequests(t *testing.T, newStore NewStore) {
 		{"infinite adjust", bucket.Request{Subject: "a", Mode: bucket.ModeAdjust, Charges: []bucket.Charge{charge("b", 1, 1, math.Inf(-1))}}, "cost"},
 		{"unknown mode", bucket.Request{Subject: "a", Mode: 7, Charges: []bucket.Charge{valid}}, "mode"},
 		{"long id", bucket.Request{Subject: "a", ID: strings.Repeat("i", bucket.MaxIDBytes+1), Charges: []bucket.Charge{valid}}, "id is 129 bytes"},
+		{"capacity over MaxTokens", bucket.Request{Subject: "a", Charges: []bucket.Charge{charge("b", 1e20, 1, 1)}}, "capacity"},
+		{"cost over MaxTokens", bucket.Request{Subject: "a", Charges: []bucket.Charge{charge("b", 1, 1, 1e16)}}, "cost"},
+		{"refund over MaxTokens", bucket.Request{Subject: "a", Mode: bucket.ModeAdjust, Charges: []bucket.Charge{charge("b", 1, 1, -1e16)}}, "adjustment"},
+		{"negative id window", bucket.Request{Subject: "a", ID: "x", IDWindow: -time.Second, Charges: []bucket.Charge{valid}}, "id window"},
+		{"id window over MaxIDWindow", bucket.Request{Subject: "a", ID: "x", IDWindow: bucket.MaxIDWindow + 1, Charges: []bucket.Charge{valid}}, "id window"},
 	} {
 		_, err := s.Take(t.Context(), tc.req)
 		if !errors.Is(err, bucket.ErrInvalidRequest) || !strings.Contains(err.Error(), tc.wantMsg) {
 			t.Errorf("%s: err = %v, want ErrInvalidRequest mentioning %q", tc.name, err, tc.wantMsg)
 		}
+		if bucket.MayHaveApplied(err) {
+			t.Errorf("%s: MayHaveApplied(%v) = true for an invalid request", tc.name, err)
+		}
 	}
 }
 
+// testCanceledContext checks that a Take whose context is already done
+// fails, changes nothing, and says so.
 func testCanceledContext(t *testing.T, newStore NewStore) {
 	s := newStore(t, NewClock(start))
 	ctx, cancel := context.WithCancel(t.Context())
 	cancel()
-	if _, err := s.Take(ctx, bucket.Request{Subject: "a", Charges: []bucket.Charge{charge("b", 1, 1, 1)}}); err == nil {
+	req := bucket.Request{Subject: "a", ID: "canceled", Charges: []bucket.Charge{charge("b", 1, 1, 1)}}
+	_, err := s.Take(ctx, req)
+	if err == nil {
 		t.Fatal("Take with a canceled context succeeded")
+	}
+	if bucket.MayHaveApplied(err) {
+		t.Fatalf("Take with a canceled context: MayHaveApplied(%v) = true, want an error wrapping bucket.ErrNotApplied", err)
+	}
+	if d := take(t, s, req); !d.Allowed || d.Duplicate || d.Buckets[0].Remaining != 0 {
+		t.Fatalf("after a canceled Take, the same request = %+v, want it applied afresh", d)
 	}
 }
 

@@ -19,6 +19,7 @@ type idStep struct {
 	subject string
 	mode    bucket.Mode
 	id      string
+	window  time.Duration
 	cost    float64
 
 	wantAllowed   bool
@@ -30,13 +31,14 @@ func runIDSteps(t *testing.T, newStore NewStore, limit bucket.Limit, steps []idS
 	t.Helper()
 	clock := NewClock(start)
 	s := newStore(t, clock)
+	skipInProcess(t, s)
 	for i, st := range steps {
 		clock.Advance(st.advance)
 		subject := st.subject
 		if subject == "" {
 			subject = "alice"
 		}
-		req := bucket.Request{Subject: subject, Mode: st.mode, ID: st.id, Charges: []bucket.Charge{{Bucket: "tok", Limit: limit, Cost: st.cost}}}
+		req := bucket.Request{Subject: subject, Mode: st.mode, ID: st.id, IDWindow: st.window, Charges: []bucket.Charge{{Bucket: "tok", Limit: limit, Cost: st.cost}}}
 		d := take(t, s, req)
 		label := fmt.Sprintf("step %d (advance %v, %s %v for %s with ID %.20q)", i, st.advance, st.mode, st.cost, subject, st.id)
 		if d.Allowed != st.wantAllowed || d.Duplicate != st.wantDuplicate {
@@ -53,6 +55,16 @@ func runIDSteps(t *testing.T, newStore NewStore, limit bucket.Limit, steps []idS
 				t.Fatalf("%s: duplicate ResetAfter = %v, want %v", label, b.ResetAfter, want)
 			}
 		}
+	}
+}
+
+// skipInProcess skips the test for a store that keeps its state in this
+// process: it never loses a reply, so nothing it applied is ever resent,
+// and it need not remember request IDs (see bucket.InProcess).
+func skipInProcess(t *testing.T, s bucket.Store) {
+	t.Helper()
+	if bucket.IsInProcess(s) {
+		t.Skip("in-process store: it never loses a reply, so it need not remember request IDs")
 	}
 }
 
@@ -107,10 +119,25 @@ func testDeniedTakeRecordsNoID(t *testing.T, newStore NewStore) {
 	})
 }
 
+// testTakeResentAsAdjust is how the interceptor resolves a take whose
+// outcome was unknown: it resends it as an adjustment with the same ID,
+// which charges it exactly once whether or not the first one was applied.
+func testTakeResentAsAdjust(t *testing.T, newStore NewStore) {
+	runIDSteps(t, newStore, bucket.Limit{Capacity: 10, RefillPerSecond: 1e-9}, []idStep{
+		// Applied, reply lost: the resend is a duplicate.
+		{id: "lost-reply", cost: 4, wantAllowed: true, wantRemaining: 6},
+		{mode: bucket.ModeAdjust, id: "lost-reply", cost: 4, wantAllowed: true, wantDuplicate: true, wantRemaining: 6},
+		// Never applied (lost on its way): the resend charges it, into
+		// debt if need be, and a late copy of the take is a duplicate.
+		{mode: bucket.ModeAdjust, id: "lost-request", cost: 8, wantAllowed: true, wantRemaining: -2},
+		{id: "lost-request", cost: 8, wantAllowed: true, wantDuplicate: true, wantRemaining: -2},
+	})
+}
+
 func testIDExpires(t *testing.T, newStore NewStore) {
 	// The refill is too slow to see over a window (6e-7 tokens).
 	adjust := bucket.ModeAdjust
-	window := bucket.IdempotencyWindow
+	window := bucket.DefaultIDWindow
 	runIDSteps(t, newStore, bucket.Limit{Capacity: 10, RefillPerSecond: 1e-9}, []idStep{
 		{mode: adjust, id: "x", cost: 1, wantAllowed: true, wantRemaining: 9},
 		{advance: window - time.Microsecond, mode: adjust, id: "x", cost: 1, wantAllowed: true, wantDuplicate: true, wantRemaining: 9},
@@ -120,6 +147,21 @@ func testIDExpires(t *testing.T, newStore NewStore) {
 		{advance: window - time.Microsecond, mode: adjust, id: "x", cost: 1, wantAllowed: true, wantDuplicate: true, wantRemaining: 8},
 		{advance: time.Microsecond, mode: adjust, id: "x", cost: 1, wantAllowed: true, wantRemaining: 7},
 		{advance: 24 * time.Hour, mode: adjust, id: "x", cost: 1, wantAllowed: true, wantRemaining: 6.0000864},
+	})
+}
+
+// testIDWindow checks that Request.IDWindow sets how long an ID is
+// remembered, per request.
+func testIDWindow(t *testing.T, newStore NewStore) {
+	adjust := bucket.ModeAdjust
+	const short, long = 30 * time.Second, 45 * time.Minute
+	runIDSteps(t, newStore, bucket.Limit{Capacity: 10, RefillPerSecond: 1e-12}, []idStep{
+		{mode: adjust, id: "short", window: short, cost: 1, wantAllowed: true, wantRemaining: 9},
+		{mode: adjust, id: "long", window: long, cost: 1, wantAllowed: true, wantRemaining: 8},
+		{advance: short - time.Microsecond, mode: adjust, id: "short", window: short, cost: 1, wantAllowed: true, wantDuplicate: true, wantRemaining: 8},
+		{advance: time.Microsecond, mode: adjust, id: "short", window: short, cost: 1, wantAllowed: true, wantRemaining: 7},
+		{advance: long - short - time.Microsecond, mode: adjust, id: "long", window: long, cost: 1, wantAllowed: true, wantDuplicate: true, wantRemaining: 7},
+		{advance: time.Microsecond, mode: adjust, id: "long", window: long, cost: 1, wantAllowed: true, wantRemaining: 6},
 	})
 }
 
@@ -156,6 +198,7 @@ func testSettleIsExact(t *testing.T, newStore NewStore) {
 	// capacity minus its final level is what it was charged. The capacity
 	// admits about half the calls; the rest are denied and skipped.
 	s := newStore(t, NewClock(start))
+	skipInProcess(t, s)
 	lim := bucket.Limit{Capacity: 5000, RefillPerSecond: 1e-9}
 	const workers, perWorker = 8, 25
 	var (

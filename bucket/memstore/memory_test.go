@@ -74,7 +74,7 @@ func TestIDsAreForgotten(t *testing.T) {
 			if ids, queued, _, _ := s.held(); ids != subjects || queued != subjects {
 				t.Fatalf("holding %d IDs and %d queued records, want %d of each", ids, queued, subjects)
 			}
-			clock.now = clock.now.Add(bucket.IdempotencyWindow)
+			clock.now = clock.now.Add(bucket.DefaultIDWindow)
 			if tc.sweep {
 				s.Sweep()
 			} else {
@@ -99,7 +99,7 @@ func TestIDsSurviveAClockStepBack(t *testing.T) {
 	// A clock that steps back queues an ID behind one that expires later.
 	// Dropping the older record of an ID recorded again must not forget
 	// the newer one.
-	const w = bucket.IdempotencyWindow
+	const w = bucket.DefaultIDWindow
 	clock := &fakeClock{now: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}
 	s := New(WithClock(clock.Now), WithSweepInterval(0))
 	t.Cleanup(func() { _ = s.Close() })

@@ -7,7 +7,7 @@
 // refilled to full is deleted, on its next access or by a periodic sweep, so
 // idle callers cost no memory. The IDs of idempotent requests and the
 // concurrency leases of a subject live in the same shard: an ID is forgotten
-// [bucket.IdempotencyWindow] after it was recorded, and an expired lease
+// [bucket.DefaultIDWindow] after it was recorded, and an expired lease
 // is deleted on the next access to its subject and name or by the sweep.
 //
 // A Store limits one process. Several processes behind a load balancer each
@@ -112,7 +112,7 @@ func WithClock(now func() time.Time) Option {
 }
 
 // WithSweepInterval sets how often the Store deletes buckets that have
-// refilled to full, request IDs older than [bucket.IdempotencyWindow] and
+// refilled to full, request IDs older than [bucket.DefaultIDWindow] and
 // expired leases. The default is [DefaultSweepInterval]. Zero or a negative
 // interval disables the sweep: full buckets and expired leases are then
 // deleted only when their subject's buckets or lease name are next touched,
@@ -197,11 +197,11 @@ func (s *Store) Take(ctx context.Context, req bucket.Request) (bucket.Decision, 
 }
 
 // recordID remembers an applied request's ID until
-// [bucket.IdempotencyWindow] from now, and forgets the IDs that have
+// [bucket.DefaultIDWindow] from now, and forgets the IDs that have
 // expired. The caller holds sh.mu.
 func (sh *shard) recordID(k key, now time.Time) {
 	sh.pruneIDs(now)
-	expires := now.Add(bucket.IdempotencyWindow)
+	expires := now.Add(bucket.DefaultIDWindow)
 	sh.ids[k] = expires
 	sh.idQueue = append(sh.idQueue, idRecord{key: k, expires: expires})
 }
@@ -306,7 +306,7 @@ func (s *Store) Len() int {
 }
 
 // Sweep deletes every bucket that has refilled to full by now, every
-// request ID recorded [bucket.IdempotencyWindow] or longer ago, and every
+// request ID recorded [bucket.DefaultIDWindow] or longer ago, and every
 // expired lease. The background sweep calls it; tests with a fake clock
 // call it directly.
 func (s *Store) Sweep() {

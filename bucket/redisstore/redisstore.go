@@ -182,7 +182,7 @@ func (s *Store) Take(ctx context.Context, req bucket.Request) (bucket.Decision, 
 	}
 	if req.ID != "" {
 		keys = append(keys, idKey(s.prefix, subject, escape(req.ID)))
-		args[2] = strconv.FormatInt(bucket.IdempotencyWindow.Microseconds(), 10)
+		args[2] = strconv.FormatInt(req.Window().Microseconds(), 10)
 	}
 	reply, err := takeScript.Run(ctx, s.client, keys, args...).Slice()
 	if err != nil {

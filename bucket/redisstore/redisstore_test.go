@@ -212,11 +212,11 @@ func TestIdempotencyServerClock(t *testing.T) {
 		t.Fatalf("GET %s: %v", marker, err)
 	}
 	expires := time.UnixMicro(stored)
-	if lo, hi := before.Add(bucket.IdempotencyWindow-time.Second), after.Add(bucket.IdempotencyWindow+time.Second); expires.Before(lo) || expires.After(hi) {
-		t.Fatalf("marker expires at %v, want about %v from now", expires, bucket.IdempotencyWindow)
+	if lo, hi := before.Add(bucket.DefaultIDWindow-time.Second), after.Add(bucket.DefaultIDWindow+time.Second); expires.Before(lo) || expires.After(hi) {
+		t.Fatalf("marker expires at %v, want about %v from now", expires, bucket.DefaultIDWindow)
 	}
-	if ttl, err := client.PTTL(t.Context(), marker).Result(); err != nil || ttl > bucket.IdempotencyWindow || ttl < bucket.IdempotencyWindow-time.Second {
-		t.Fatalf("PTTL %s = %v, %v; want about %v", marker, ttl, err, bucket.IdempotencyWindow)
+	if ttl, err := client.PTTL(t.Context(), marker).Result(); err != nil || ttl > bucket.DefaultIDWindow || ttl < bucket.DefaultIDWindow-time.Second {
+		t.Fatalf("PTTL %s = %v, %v; want about %v", marker, ttl, err, bucket.DefaultIDWindow)
 	}
 	d := take(t, s, req(bucket.ModeAdjust, "settle-1", 4))
 	if !d.Allowed || !d.Duplicate || math.Abs(d.Buckets[0].Remaining-6) > 1e-3 {
