@@ -86,6 +86,12 @@ var ErrNotApplied = errors.New("bucket: request not applied")
 // recognises as a duplicate if the first one was applied) tells which.
 var ErrOutcomeUnknown = errors.New("bucket: request outcome unknown")
 
+// ErrRejected is wrapped, with [ErrNotApplied], by a store error when the
+// backend is healthy and answered, but could not apply this one request:
+// for example, a key holds data the store cannot read. It says nothing of
+// the store's health, so a circuit breaker does not count it.
+var ErrRejected = errors.New("bucket: request rejected by the store")
+
 // ErrUnavailable is wrapped, with [ErrNotApplied], by the errors of a store
 // wrapper that refuses calls without trying the backend, such as an open
 // circuit breaker.
@@ -158,6 +164,25 @@ func (l Limit) timeToReach(tokens, want float64) time.Duration {
 	}
 	return secondsCeil((want - tokens) / l.RefillPerSecond)
 }
+
+// retryAfter is how long a bucket holding tokens takes to afford cost. A
+// store refills a bucket from its stored level, and for a deep debt that
+// sum rounds by more than the tolerance of the comparison with the cost
+// (about 1e-16 of the debt): the wait then covers the rounding too, so that
+// waiting exactly RetryAfter is always enough.
+func (l Limit) retryAfter(tokens, cost float64) time.Duration {
+	if tokens >= cost {
+		return 0
+	}
+	deficit := cost - tokens
+	if noise := deficit * refillNoise; noise > tolerance*math.Max(1, cost) {
+		deficit += noise
+	}
+	return secondsCeil(deficit / l.RefillPerSecond)
+}
+
+// refillNoise bounds the relative rounding of a refill, a few ulps.
+const refillNoise = 1e-15
 
 func secondsCeil(s float64) time.Duration {
 	ns := math.Ceil(s * 1e9)
@@ -394,7 +419,7 @@ func Decide(req Request, tokens []float64) Decision {
 			b.Allowed = true
 			b.Remaining = tokens[i] - c.Cost
 		default:
-			b.RetryAfter = c.Limit.timeToReach(tokens[i], c.Cost)
+			b.RetryAfter = c.Limit.retryAfter(tokens[i], c.Cost)
 		}
 		if !b.Allowed {
 			d.Allowed = false

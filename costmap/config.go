@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math"
 	"regexp"
 	"slices"
 	"strings"
@@ -85,7 +84,8 @@ type BucketConfig struct {
 
 // ConcurrencyConfig is a concurrency limit in a [Config].
 type ConcurrencyConfig struct {
-	// Limit is how many calls of one identity may run at once, >= 1.
+	// Limit is how many calls of one identity may run at once, from 1 to
+	// [MaxConcurrency].
 	Limit int `yaml:"limit"`
 	// Lease is how long a slot stays taken if the server holding it stops
 	// renewing it (it crashed). Zero means [DefaultLease]. Servers renew
@@ -112,8 +112,18 @@ type TierConfig struct {
 }
 
 // ProcedureConfig is a procedure's limit set in a [Config], with the same
-// meaning as the connectlimit.v1.limit annotation, which it replaces.
+// meaning as the connectlimit.v1.limit annotation, which it replaces, plus
+// settings only the configuration can give.
 type ProcedureConfig struct {
+	// External declares that the procedure belongs to a service that is not
+	// among those given to [New], so that it is not reported as a misspelt
+	// procedure name. Without it, when New is given services, every
+	// procedure listed must be one of their methods.
+	External bool `yaml:"external"`
+	// FailurePolicy overrides the configuration's failure policy for this
+	// procedure: "open", "closed" or "local" (see the interceptor package).
+	// Empty means the configuration's default.
+	FailurePolicy string `yaml:"failure_policy"`
 	// Bucket names a bucket of [Config.Buckets].
 	Bucket string `yaml:"bucket"`
 	// Cost is what one call takes from Bucket. Zero means 1.
@@ -140,7 +150,7 @@ type ChargeConfig struct {
 // ParseConfig decodes a YAML configuration and validates it. Unknown fields
 // are errors, so a misspelt key is reported instead of ignored; so are
 // invalid limits, each naming its field and value (for example
-// "buckets.search.capacity must be a finite number greater than 0, got -1").
+// "buckets.search.capacity must be greater than 0 and at most 1e+15, got -1").
 func ParseConfig(data []byte) (Config, error) {
 	var cfg Config
 	if err := DecodeYAML(data, &cfg); err != nil {
@@ -152,8 +162,10 @@ func ParseConfig(data []byte) (Config, error) {
 	return cfg, nil
 }
 
-// DecodeYAML decodes one YAML document into v, rejecting unknown fields. It
-// is exported for configuration types that embed [Config] inline.
+// DecodeYAML decodes one YAML document into v, rejecting unknown fields and
+// a second document (after "---"), which would otherwise be silently
+// ignored. It is exported for configuration types that embed [Config]
+// inline.
 func DecodeYAML(data []byte, v any) error {
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	dec.KnownFields(true)
@@ -163,8 +175,34 @@ func DecodeYAML(data []byte, v any) error {
 		}
 		return fmt.Errorf("costmap: configuration: %w", err)
 	}
-	return nil
+	var next yaml.Node
+	switch err := dec.Decode(&next); {
+	case errors.Is(err, io.EOF):
+		return nil
+	case err != nil:
+		return fmt.Errorf("costmap: configuration: after the first document: %w", err)
+	default:
+		return fmt.Errorf("costmap: configuration has a second YAML document (line %d); put everything in one document", next.Line)
+	}
 }
+
+// Failure policies a [ProcedureConfig] may name. The interceptor package
+// documents what each does.
+const (
+	PolicyOpen   = "open"
+	PolicyClosed = "closed"
+	PolicyLocal  = "local"
+)
+
+// MaxConcurrency is the largest concurrency limit: far more calls than one
+// caller can have in flight, and small enough that scaling it by a tier
+// never overflows. A tier's scale never takes a limit past it.
+const MaxConcurrency = 1_000_000
+
+// MinLease is the shortest lease a concurrency limit may have: a lease
+// shorter than a second would expire between two renewals of a busy server
+// and free slots of calls that are still running.
+const MinLease = time.Second
 
 // Validate reports the first problem in cfg, naming the field and value.
 // The expressions of configured procedures are compiled later, by
@@ -237,6 +275,11 @@ func (cfg Config) tiers() (map[string]*Tier, error) {
 		if err := checkProcedureName(proc); err != nil {
 			return nil, fmt.Errorf("costmap: procedures: %w", err)
 		}
+		switch p := cfg.Procedures[proc].FailurePolicy; p {
+		case "", PolicyOpen, PolicyClosed, PolicyLocal:
+		default:
+			return nil, fmt.Errorf("costmap: procedures.%s.failure_policy must be open, closed or local, got %q", proc, p)
+		}
 	}
 	return tiers, nil
 }
@@ -269,7 +312,7 @@ func (tc TierConfig) resolve(name string, base *Tier) (*Tier, error) {
 		t.limits[b] = l
 	}
 	for c, bc := range base.concurrency {
-		bc.Limit = max(1, int(float64(bc.Limit)*scale))
+		bc.Limit = int(max(1, min(float64(bc.Limit)*scale, MaxConcurrency)))
 		t.concurrency[c] = bc
 	}
 	for _, c := range sortedKeys(tc.Concurrency) {
@@ -309,13 +352,13 @@ func (bc BucketConfig) limit(field string) (bucket.Limit, error) {
 func (cc ConcurrencyConfig) resolve(field string, base Concurrency) (Concurrency, error) {
 	c := base
 	if cc.Limit != 0 || base.Limit == 0 {
-		if cc.Limit < 1 {
-			return Concurrency{}, fmt.Errorf("costmap: %s.limit must be at least 1, got %d", field, cc.Limit)
+		if cc.Limit < 1 || cc.Limit > MaxConcurrency {
+			return Concurrency{}, fmt.Errorf("costmap: %s.limit must be from 1 to %d, got %d", field, MaxConcurrency, cc.Limit)
 		}
 		c.Limit = cc.Limit
 	}
-	if cc.Lease < 0 {
-		return Concurrency{}, fmt.Errorf("costmap: %s.lease must be greater than 0, got %v", field, cc.Lease)
+	if cc.Lease < 0 || (cc.Lease > 0 && cc.Lease < MinLease) {
+		return Concurrency{}, fmt.Errorf("costmap: %s.lease must be at least %v, got %v", field, MinLease, cc.Lease)
 	}
 	if cc.Lease > 0 {
 		c.Lease = cc.Lease
@@ -345,8 +388,8 @@ func checkStaticCost(tiers map[string]*Tier, bucketField, name, costField string
 }
 
 func costError(field string, cost float64) error {
-	if math.IsNaN(cost) || math.IsInf(cost, 0) || cost <= 0 {
-		return fmt.Errorf("costmap: %s must be a finite number greater than 0, got %v", field, cost)
+	if !(cost > 0 && cost <= bucket.MaxTokens) {
+		return fmt.Errorf("costmap: %s must be greater than 0 and at most %g, got %v", field, bucket.MaxTokens, cost)
 	}
 	return nil
 }

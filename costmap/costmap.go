@@ -16,6 +16,7 @@ package costmap
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 
@@ -46,7 +47,10 @@ type Map struct {
 // it will be asked about. Every method of those services is resolved now, so
 // an annotation naming an undeclared bucket, a cost above a bucket's
 // capacity or an expression that does not compile fails here, with an error
-// naming the procedure, instead of on the first call. Procedures of other
+// naming the procedure, instead of on the first call. When services are
+// given, every procedure under the configuration's procedures must be a
+// method of one of them, or be marked external, so that a misspelt name
+// stops startup instead of silently limiting nothing. Procedures of other
 // services are resolved on first use by [Map.Lookup].
 func New(cfg Config, services ...protoreflect.ServiceDescriptor) (*Map, error) {
 	tiers, err := cfg.tiers()
@@ -55,18 +59,28 @@ func New(cfg Config, services ...protoreflect.ServiceDescriptor) (*Map, error) {
 	}
 	base := tiers[""]
 	m := &Map{cfg: cfg, tiers: tiers, anonymous: &Tier{Name: AnonymousTier, limits: base.limits, concurrency: base.concurrency}}
+	known := map[string]bool{}
 	for _, sd := range services {
 		methods := sd.Methods()
 		for i := range methods.Len() {
+			known[Procedure(methods.Get(i))] = true
 			if _, err := m.Lookup(methods.Get(i)); err != nil {
 				return nil, err
+			}
+		}
+	}
+	if len(services) > 0 {
+		for _, proc := range sortedKeys(cfg.Procedures) {
+			if !known[proc] && !cfg.Procedures[proc].External {
+				return nil, fmt.Errorf("costmap: procedures.%s names no method of the served services (%s): fix the name, or add external: true if another server's handlers serve it",
+					proc, serviceNames(services))
 			}
 		}
 	}
 	// Configured procedures without expressions need no descriptor; check
 	// them now too.
 	for proc, pc := range cfg.Procedures {
-		if _, done := m.rules.Load(proc); done || pc.hasExpressions() {
+		if _, done := m.rules.Load(proc); done || pc.hasExpressions() || pc.policyOnly() {
 			continue
 		}
 		s := pc.spec()
@@ -78,6 +92,27 @@ func New(cfg Config, services ...protoreflect.ServiceDescriptor) (*Map, error) {
 		m.rules.Store(proc, r)
 	}
 	return m, nil
+}
+
+func serviceNames(services []protoreflect.ServiceDescriptor) string {
+	names := make([]string, len(services))
+	for i, sd := range services {
+		names[i] = string(sd.FullName())
+	}
+	return strings.Join(names, ", ")
+}
+
+// FailurePolicies returns, sorted and without repeats, the failure policies
+// the configuration's procedures section names.
+func (m *Map) FailurePolicies() []string {
+	var policies []string
+	for _, pc := range m.cfg.Procedures {
+		if pc.FailurePolicy != "" && !slices.Contains(policies, pc.FailurePolicy) {
+			policies = append(policies, pc.FailurePolicy)
+		}
+	}
+	slices.Sort(policies)
+	return policies
 }
 
 // Procedure returns the Connect procedure name of a method,
@@ -121,7 +156,7 @@ func (m *Map) LookupProcedure(procedure string) (*Rule, error) {
 	if r, ok := m.rules.Load(procedure); ok {
 		return r.(*Rule), nil //nolint:forcetypeassert // only *Rule is stored
 	}
-	if _, ok := m.cfg.Procedures[procedure]; ok {
+	if pc, ok := m.cfg.Procedures[procedure]; ok && (pc.hasExpressions() || pc.policyOnly()) {
 		return nil, fmt.Errorf("costmap: procedure %s: %w", procedure, errNoDescriptor)
 	}
 	spec, ok := m.specFor(procedure, nil)
@@ -157,6 +192,7 @@ type spec struct {
 	source      string // for errors: where the limit was declared
 	charges     []chargeSpec
 	concurrency string
+	policy      string
 }
 
 type chargeSpec struct {
@@ -171,7 +207,7 @@ type chargeSpec struct {
 }
 
 func (pc ProcedureConfig) spec() spec {
-	s := spec{concurrency: pc.Concurrency}
+	s := spec{concurrency: pc.Concurrency, policy: pc.FailurePolicy}
 	// In the configuration, a cost of 0 means unset.
 	if pc.Bucket != "" || (len(pc.Charges) == 0 && pc.Concurrency == "") {
 		s.charges = append(s.charges, chargeSpec{bucket: pc.Bucket, cost: pc.Cost, costSet: pc.Cost != 0})
@@ -185,6 +221,11 @@ func (pc ProcedureConfig) spec() spec {
 	return s
 }
 
+// policyOnly reports whether the entry sets a failure policy and no limit.
+func (pc ProcedureConfig) policyOnly() bool {
+	return pc.FailurePolicy != "" && pc.Bucket == "" && pc.Cost == 0 && len(pc.Charges) == 0 && pc.Concurrency == ""
+}
+
 func (pc ProcedureConfig) hasExpressions() bool {
 	for _, c := range pc.Charges {
 		if c.Estimate != "" || c.Actual != "" {
@@ -195,12 +236,29 @@ func (pc ProcedureConfig) hasExpressions() bool {
 }
 
 // specFor finds a procedure's limit: configuration, annotation, default.
+// An entry of procedures that sets only failure_policy keeps the limit of
+// the annotation or default_bucket and changes only the policy.
 func (m *Map) specFor(proc string, md protoreflect.MethodDescriptor) (spec, bool) {
-	if pc, ok := m.cfg.Procedures[proc]; ok {
+	pc, configured := m.cfg.Procedures[proc]
+	if configured && !pc.policyOnly() {
 		s := pc.spec()
 		s.source = "procedures." + proc
 		return s, true
 	}
+	s, ok := m.inheritedSpec(md)
+	if configured {
+		if !ok {
+			// Reported by compile: there is nothing to apply the policy to.
+			return spec{source: "procedures." + proc, policy: pc.FailurePolicy}, true
+		}
+		s.policy = pc.FailurePolicy
+	}
+	return s, ok
+}
+
+// inheritedSpec is the limit a procedure has without a procedures entry:
+// its annotation, else default_bucket.
+func (m *Map) inheritedSpec(md protoreflect.MethodDescriptor) (spec, bool) {
 	if md != nil {
 		if opts := md.Options(); opts != nil && proto.HasExtension(opts, connectlimitv1.E_Limit) {
 			if ann, ok := proto.GetExtension(opts, connectlimitv1.E_Limit).(*connectlimitv1.Limit); ok && ann != nil {
@@ -235,8 +293,11 @@ func (m *Map) compile(proc string, md protoreflect.MethodDescriptor, s spec) (*R
 	fail := func(format string, args ...any) error {
 		return fmt.Errorf("costmap: procedure %s: %s", proc, fmt.Sprintf(format, args...))
 	}
-	r := &Rule{Procedure: proc, static: make(map[string][]bucket.Charge, len(m.tiers))}
+	r := &Rule{Procedure: proc, policy: s.policy, static: make(map[string][]bucket.Charge, len(m.tiers))}
 	if len(s.charges) == 0 && s.concurrency == "" {
+		if s.policy != "" {
+			return nil, fail("%s sets only failure_policy, but the procedure has no annotation and no default_bucket applies: give it a bucket", s.source)
+		}
 		return nil, fail("%s declares no bucket and no concurrency limit", s.source)
 	}
 	seen := map[string]bool{}
@@ -317,8 +378,9 @@ type Rule struct {
 	Procedure   string
 	charges     []chargeRule
 	concurrency string
-	estimated   bool // some charge has an estimate expression
-	metered     bool // some charge has an actual expression
+	policy      string // "" or one of the Policy constants
+	estimated   bool   // some charge has an estimate expression
+	metered     bool   // some charge has an actual expression
 	// static holds, per tier, the charges with fixed costs filled in (and
 	// estimated ones at 0), so calls without expressions allocate nothing.
 	static map[string][]bucket.Charge
@@ -356,6 +418,15 @@ func (r *Rule) Charges(t *Tier, req proto.Message) ([]bucket.Charge, error) {
 	}
 	return charges, nil
 }
+
+// FailurePolicy returns the failure policy the configuration sets for this
+// procedure ([PolicyOpen], [PolicyClosed] or [PolicyLocal]), or "" when it
+// sets none and the interceptor's default applies.
+func (r *Rule) FailurePolicy() string { return r.policy }
+
+// NumCharges returns how many buckets a call draws from: zero for a
+// procedure limited only by concurrency.
+func (r *Rule) NumCharges() int { return len(r.charges) }
 
 // Estimated reports whether some charge's cost is an expression over the
 // request.

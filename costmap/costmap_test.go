@@ -200,6 +200,11 @@ func TestParseConfigErrors(t *testing.T) {
 		{"bad procedure name", ok + "procedures:\n  Search: { bucket: search }\n", []string{`"Search"`, "/package.Service/Method"}},
 		{"procedure unknown bucket", ok + "procedures:\n  /a.B/C: { bucket: nope }\n", []string{"procedures./a.B/C.bucket", `"nope"`}},
 		{"procedure negative cost", ok + "procedures:\n  /a.B/C: { bucket: search, cost: -1 }\n", []string{"procedures./a.B/C.cost", "-1"}},
+		{"second document", ok + "---\nbuckets:\n  other: { capacity: 1, refill_per_second: 1 }\n", []string{"second YAML document", "line 3"}},
+		{"capacity past MaxTokens", "buckets:\n  search: { capacity: 1e20, refill_per_second: 1 }\n", []string{"buckets.search.capacity", "at most 1e+15", "1e+20"}},
+		{"rate past MaxTokens", "buckets:\n  search: { capacity: 1, refill_per_second: 2e15 }\n", []string{"buckets.search.refill_per_second", "2e+15"}},
+		{"procedure cost past MaxTokens", ok + "procedures:\n  /a.B/C: { bucket: search, cost: 1e16 }\n", []string{"procedures./a.B/C.cost", "1e+16"}},
+		{"unknown failure policy", ok + "procedures:\n  /a.B/C: { bucket: search, failure_policy: maybe }\n", []string{"procedures./a.B/C.failure_policy", `"maybe"`}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
@@ -213,5 +218,88 @@ func TestParseConfigErrors(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+func TestProceduresMustBeServed(t *testing.T) {
+	t.Parallel()
+	svc := prototest.NewService(t,
+		prototest.Method{Name: "Search", Limit: prototest.Limit("search", nil)},
+		prototest.Method{Name: "Health"},
+	)
+	for _, tc := range []struct {
+		name       string
+		procedures map[string]costmap.ProcedureConfig
+		wantIn     string // empty: accepted
+	}{
+		{"served procedure", map[string]costmap.ProcedureConfig{"/test.v1.TestService/Health": {Bucket: "search"}}, ""},
+		{"misspelt procedure", map[string]costmap.ProcedureConfig{"/test.v1.TestService/Serch": {Bucket: "search"}},
+			"procedures./test.v1.TestService/Serch names no method of the served services (test.v1.TestService)"},
+		{"declared external", map[string]costmap.ProcedureConfig{"/other.v1.Other/Call": {Bucket: "search", External: true}}, ""},
+		{"undeclared external", map[string]costmap.ProcedureConfig{"/other.v1.Other/Call": {Bucket: "search"}}, "external: true"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			cfg := baseConfig()
+			cfg.Procedures = tc.procedures
+			_, err := costmap.New(cfg, svc)
+			if tc.wantIn == "" {
+				if err != nil {
+					t.Fatalf("New: %v", err)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tc.wantIn) {
+				t.Fatalf("err = %v, want one mentioning %q", err, tc.wantIn)
+			}
+			// Without services, names cannot be checked.
+			if _, err := costmap.New(cfg); err != nil {
+				t.Fatalf("New without services: %v", err)
+			}
+		})
+	}
+}
+
+func TestFailurePolicyPerProcedure(t *testing.T) {
+	t.Parallel()
+	svc := prototest.NewService(t,
+		prototest.Method{Name: "Search", Limit: prototest.Limit("search", proto.Float64(2))},
+		prototest.Method{Name: "Generate", Limit: prototest.Limit("generate", nil)},
+		prototest.Method{Name: "Health"},
+	)
+	cfg := baseConfig()
+	cfg.Procedures = map[string]costmap.ProcedureConfig{
+		// Only the policy: the annotation's limit stays.
+		"/test.v1.TestService/Search": {FailurePolicy: costmap.PolicyClosed},
+		// A whole new limit with its policy.
+		"/test.v1.TestService/Health": {Bucket: "search", FailurePolicy: costmap.PolicyOpen},
+	}
+	m, err := costmap.New(cfg, svc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tier := defaultTier(t, m)
+	for _, tc := range []struct {
+		method     string
+		wantPolicy string
+		wantCost   float64
+	}{
+		{"Search", costmap.PolicyClosed, 2},
+		{"Health", costmap.PolicyOpen, 1},
+		{"Generate", "", 1},
+	} {
+		r, err := m.Lookup(svc.Methods().ByName(protoreflect.Name(tc.method)))
+		if err != nil || r == nil {
+			t.Fatalf("Lookup(%s) = %v, %v", tc.method, r, err)
+		}
+		charges, _ := r.Charges(tier, nil)
+		if r.FailurePolicy() != tc.wantPolicy || charges[0].Cost != tc.wantCost {
+			t.Errorf("%s: policy %q, cost %v; want %q, %v", tc.method, r.FailurePolicy(), charges[0].Cost, tc.wantPolicy, tc.wantCost)
+		}
+	}
+	// A policy-only entry for a procedure without a limit is an error.
+	cfg.Procedures = map[string]costmap.ProcedureConfig{"/test.v1.TestService/Health": {FailurePolicy: costmap.PolicyClosed}}
+	if _, err := costmap.New(cfg, svc); err == nil || !strings.Contains(err.Error(), "sets only failure_policy") {
+		t.Fatalf("New = %v, want an error about a policy with nothing to apply it to", err)
 	}
 }

@@ -3,12 +3,13 @@ package costmap
 import (
 	"errors"
 	"fmt"
-	"math"
 
 	"cel.dev/cel-go/cel"
 	"cel.dev/cel-go/common/types"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
+
+	"github.com/connectlimit/connectlimit/bucket"
 )
 
 // exprCostLimit bounds the work one expression may do per evaluation, so a
@@ -91,8 +92,8 @@ func (e *expr) eval(msg proto.Message) (float64, error) {
 	default:
 		return 0, fmt.Errorf("evaluated to %v of type %s, want a number", val, val.Type())
 	}
-	if math.IsNaN(f) || math.IsInf(f, 0) || f < 0 {
-		return 0, fmt.Errorf("evaluated to %v, want a finite number >= 0", f)
+	if !(f >= 0 && f <= bucket.MaxTokens) {
+		return 0, fmt.Errorf("evaluated to %v, want a number from 0 to %g", f, bucket.MaxTokens)
 	}
 	return f, nil
 }

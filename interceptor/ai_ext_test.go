@@ -9,6 +9,7 @@ import (
 	"net/http/httptest"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -34,18 +35,30 @@ import (
 // The handlers obey the request's topic:
 //
 //	use=N         use N tokens (Ask: usage.total_tokens; Report: chunks of 4)
+//	slow=N        (Report) use N tokens in chunks of 4, 20ms apart
+//	gate,use=N    wait until the test sends on the fixture's gate, then use=N
+//	gate=G,use=N  wait until the test sends on the named gate G, then use=N
 //	fail          fail before any work
 //	report=N      call ReportUsage("tokens", N), then fail
 //	wait          (Report) send one chunk of 4, then wait for cancellation
+//
+// Chat answers each message with its topic's size in tokens; Duplex does
+// the same, receiving in one goroutine and sending from another, as Connect
+// allows.
 const (
 	askProc    = "/test.v1.TestService/Ask"
 	reportProc = "/test.v1.TestService/Report"
 	chatProc   = "/test.v1.TestService/Chat"
+	duplexProc = "/test.v1.TestService/Duplex"
 )
 
 type msg = dynamicpb.Message
 
 type aiFixture struct {
+	// gate releases the calls whose topic starts with "gate,"; gates, by
+	// name, those whose topic starts with "gate=NAME,".
+	gate   chan struct{}
+	gates  sync.Map // string → chan struct{}
 	cfg    costmap.Config
 	clock  *buckettest.Clock
 	store  bucket.Store
@@ -55,10 +68,11 @@ type aiFixture struct {
 	ask    *connect.Client[msg, msg]
 	report *connect.Client[msg, msg]
 	chat   *connect.Client[msg, msg]
+	duplex *connect.Client[msg, msg]
 	quota  connectlimitv1connect.QuotaServiceClient
 }
 
-func aiService(t *testing.T) protoreflect.ServiceDescriptor {
+func aiService(t testing.TB) protoreflect.ServiceDescriptor {
 	t.Helper()
 	tokens := func(actual string) *connectlimitv1.Charge {
 		return &connectlimitv1.Charge{Bucket: "tokens", Estimate: "request.max_tokens", Actual: actual}
@@ -72,6 +86,9 @@ func aiService(t *testing.T) protoreflect.ServiceDescriptor {
 			Concurrency: "streams",
 		}},
 		prototest.Method{Name: "Chat", Report: true, ServerStreaming: true, ClientStreaming: true, Limit: &connectlimitv1.Limit{
+			Charges: []*connectlimitv1.Charge{{Bucket: "tokens", Estimate: "size(request.topic)"}},
+		}},
+		prototest.Method{Name: "Duplex", Report: true, ServerStreaming: true, ClientStreaming: true, Limit: &connectlimitv1.Limit{
 			Charges: []*connectlimitv1.Charge{{Bucket: "tokens", Estimate: "size(request.topic)"}},
 		}},
 	)
@@ -92,13 +109,19 @@ func aiConfig() costmap.Config {
 
 // newAIFixture serves the AI test service; store nil means a memstore on
 // the fixture's fake clock.
-func newAIFixture(t *testing.T, cfg costmap.Config, store bucket.Store, opts ...interceptor.Option) *aiFixture {
+func newAIFixture(t testing.TB, cfg costmap.Config, store bucket.Store, opts ...interceptor.Option) *aiFixture {
 	t.Helper()
-	f := &aiFixture{cfg: cfg, clock: buckettest.NewClock(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)), store: store}
+	f := &aiFixture{gate: make(chan struct{}), cfg: cfg, clock: buckettest.NewClock(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)), store: store}
 	if f.store == nil {
 		ms := memstore.New(memstore.WithClock(f.clock.Now))
 		t.Cleanup(func() { _ = ms.Close() })
 		f.store = ms
+	}
+	if !bucket.IsInProcess(f.store) {
+		// The default policy decides locally while the store fails.
+		local := memstore.New()
+		t.Cleanup(func() { _ = local.Close() })
+		opts = append([]interceptor.Option{interceptor.WithLocalStore(local)}, opts...)
 	}
 	f.svc = aiService(t)
 	costs, err := costmap.New(cfg, f.svc)
@@ -151,11 +174,19 @@ func newAIFixture(t *testing.T, cfg costmap.Config, store bucket.Store, opts ...
 			}
 			return connect.NewError(connect.CodeInternal, errors.New("model crashed"))
 		}
+		var pause time.Duration
+		if n, ok := strings.CutPrefix(topic, "slow="); ok {
+			r.Msg.Set(r.Msg.Descriptor().Fields().ByName("topic"), protoreflect.ValueOfString("use="+n))
+			pause = 20 * time.Millisecond
+		}
 		use, err := f.obey(ctx, r.Msg)
 		if err != nil {
 			return err
 		}
 		for sent := 0; sent < use; sent += 4 {
+			if sent > 0 && pause > 0 {
+				time.Sleep(pause)
+			}
 			if err := s.Send(prototest.ReportResponse(f.svc, int32(min(4, use-sent)), 0)); err != nil {
 				return err
 			}
@@ -176,6 +207,39 @@ func newAIFixture(t *testing.T, cfg costmap.Config, store bucket.Store, opts ...
 			}
 		}
 	}, connect.WithSchema(methods.ByName("Chat")), connect.WithInterceptors(f.ic), initRequest))
+	mux.Handle(duplexProc, connect.NewBidiStreamHandler(duplexProc, func(ctx context.Context, s *connect.BidiStream[msg, msg]) error {
+		// Receive and Send run in two goroutines at once.
+		received := make(chan *msg)
+		errc := make(chan error, 1)
+		go func() {
+			defer close(received)
+			for {
+				m, err := s.Receive()
+				if err != nil {
+					if !errors.Is(err, io.EOF) {
+						errc <- err
+					}
+					return
+				}
+				select {
+				case received <- m:
+				case <-ctx.Done():
+					return
+				}
+			}
+		}()
+		for m := range received {
+			if err := s.Send(prototest.ReportResponse(f.svc, int32(len(topicOf(m))), 0)); err != nil {
+				return err
+			}
+		}
+		select {
+		case err := <-errc:
+			return err
+		default:
+			return nil
+		}
+	}, connect.WithSchema(methods.ByName("Duplex")), connect.WithInterceptors(f.ic), initRequest))
 	mux.Handle(f.ic.NewQuotaHandler())
 	auth := authn.NewMiddleware(func(_ context.Context, r authn.Request) (any, error) {
 		if tier, user, ok := strings.Cut(r.Header().Get("X-Test-Identity"), ":"); ok {
@@ -194,6 +258,7 @@ func newAIFixture(t *testing.T, cfg costmap.Config, store bucket.Store, opts ...
 	f.ask = connect.NewClient[msg, msg](f.server.Client(), f.server.URL+askProc, initResponse)
 	f.report = connect.NewClient[msg, msg](f.server.Client(), f.server.URL+reportProc, initResponse)
 	f.chat = connect.NewClient[msg, msg](f.server.Client(), f.server.URL+chatProc, initResponse)
+	f.duplex = connect.NewClient[msg, msg](f.server.Client(), f.server.URL+duplexProc, initResponse)
 	f.quota = connectlimitv1connect.NewQuotaServiceClient(f.server.Client(), f.server.URL)
 	return f
 }
@@ -205,6 +270,22 @@ func topicOf(m *msg) string {
 // obey carries out the topic's instructions for Ask and Report.
 func (f *aiFixture) obey(ctx context.Context, m *msg) (int, error) {
 	topic := topicOf(m)
+	if rest, ok := strings.CutPrefix(topic, "gate"); ok {
+		gate := f.gate
+		if named, ok := strings.CutPrefix(rest, "="); ok {
+			var name string
+			name, rest, _ = strings.Cut(named, ",")
+			gate = f.namedGate(name)
+		} else {
+			rest = strings.TrimPrefix(rest, ",")
+		}
+		select {
+		case <-gate:
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		}
+		topic = rest
+	}
 	switch {
 	case topic == "fail":
 		return 0, connect.NewError(connect.CodeFailedPrecondition, errors.New("bad topic"))
@@ -218,6 +299,13 @@ func (f *aiFixture) obey(ctx context.Context, m *msg) (int, error) {
 		return strconv.Atoi(strings.TrimPrefix(topic, "use="))
 	}
 	return 0, nil
+}
+
+// namedGate returns the gate named name; closing it releases every call
+// waiting on it.
+func (f *aiFixture) namedGate(name string) chan struct{} {
+	g, _ := f.gates.LoadOrStore(name, make(chan struct{}))
+	return g.(chan struct{}) //nolint:forcetypeassert // only channels are stored
 }
 
 func (f *aiFixture) request(topic string, maxTokens int32) *connect.Request[msg] {

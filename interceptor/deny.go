@@ -35,6 +35,13 @@ const (
 	HeaderWarning = "Connectlimit-Warning"
 )
 
+// HeaderNames returns the names of every response header the interceptor
+// may set, for servers that list them in CORS's Access-Control-Expose-Headers
+// so that browser code on another origin can read them.
+func HeaderNames() []string {
+	return []string{HeaderRateLimit, HeaderRateLimitPolicy, HeaderRetryAfter, HeaderWarning}
+}
+
 // DenialError returns the error an [Interceptor] sends for a denied
 // decision: [connect.CodeResourceExhausted] (HTTP 429) with a message naming
 // the bucket and the wait, a google.rpc.RetryInfo detail with the exact time

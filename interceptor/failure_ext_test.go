@@ -1,121 +1,21 @@
 package interceptor_test
 
 import (
-	"bytes"
-	"context"
-	"errors"
-	"log/slog"
 	"net/netip"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"connectrpc.com/connect"
+	"github.com/redis/go-redis/v9"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
-	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/connectlimit/connectlimit/bucket"
+	"github.com/connectlimit/connectlimit/bucket/memstore"
+	"github.com/connectlimit/connectlimit/bucket/redisstore"
 	"github.com/connectlimit/connectlimit/costmap"
 	"github.com/connectlimit/connectlimit/interceptor"
 )
-
-// brokenStore fails every call, with a message clients must never see.
-type brokenStore struct{}
-
-func (brokenStore) Take(context.Context, bucket.Request) (bucket.Decision, error) {
-	return bucket.Decision{}, errors.New("dial tcp 10.0.0.9:7001: secret backend detail")
-}
-
-// hungStore never answers before the context ends, like a Redis that
-// stopped responding.
-type hungStore struct{}
-
-func (hungStore) Take(ctx context.Context, _ bucket.Request) (bucket.Decision, error) {
-	<-ctx.Done()
-	return bucket.Decision{}, ctx.Err()
-}
-
-// syncBuffer is a log sink safe for the server's goroutines.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
-func TestStoreFailurePolicy(t *testing.T) {
-	t.Parallel()
-	const timeout = 50 * time.Millisecond
-	for _, tc := range []struct {
-		name     string
-		store    bucket.Store
-		policy   interceptor.FailurePolicy
-		wantCode connect.Code // 0: the call succeeds
-		wantLog  string
-	}{
-		{"broken store fails open", brokenStore{}, interceptor.FailOpen, 0, "secret backend detail"},
-		{"broken store fails closed", brokenStore{}, interceptor.FailClosed, connect.CodeUnavailable, "secret backend detail"},
-		{"hung store fails open after the timeout", hungStore{}, interceptor.FailOpen, 0, "charge=unknown"},
-		{"hung store fails closed after the timeout", hungStore{}, interceptor.FailClosed, connect.CodeUnavailable, "deadline exceeded"},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			t.Parallel()
-			var logs syncBuffer
-			f := newFixture(t, tc.store,
-				interceptor.WithFailurePolicy(tc.policy),
-				interceptor.WithStoreTimeout(timeout),
-				interceptor.WithLogger(slog.New(slog.NewTextHandler(&logs, nil))))
-			for _, call := range []func() error{
-				func() error { _, err := callSearch(t, f.search, ""); return err },
-				func() error {
-					s, err := f.generate.CallServerStream(t.Context(), connect.NewRequest(wrapperspb.String("x")))
-					if err != nil {
-						return err
-					}
-					for s.Receive() { //nolint:revive // draining
-					}
-					return s.Err()
-				},
-			} {
-				start := time.Now()
-				err := call()
-				if elapsed := time.Since(start); elapsed > timeout+5*time.Second {
-					t.Fatalf("call took %v with a %v store timeout", elapsed, timeout)
-				}
-				if tc.wantCode == 0 {
-					if err != nil {
-						t.Fatalf("fail-open call failed: %v", err)
-					}
-					continue
-				}
-				if connect.CodeOf(err) != tc.wantCode {
-					t.Fatalf("err = %v, want %v", err, tc.wantCode)
-				}
-				if strings.Contains(err.Error(), "secret") || strings.Contains(err.Error(), "7001") {
-					t.Fatalf("backend detail leaked to the client: %v", err)
-				}
-				var ce *connect.Error
-				if errors.As(err, &ce) && ce.Code() == connect.CodeResourceExhausted {
-					t.Fatal("store failure reported as a quota denial")
-				}
-			}
-			if !strings.Contains(logs.String(), tc.wantLog) {
-				t.Errorf("log %q does not mention %q", logs.String(), tc.wantLog)
-			}
-		})
-	}
-}
 
 func TestNewInterceptorErrors(t *testing.T) {
 	t.Parallel()
@@ -123,6 +23,19 @@ func TestNewInterceptorErrors(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	withLocal := testConfig()
+	withLocal.Procedures = map[string]costmap.ProcedureConfig{searchProc: {Bucket: "search", FailurePolicy: costmap.PolicyLocal}}
+	localCosts, err := costmap.New(withLocal)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mem := memstore.New()
+	t.Cleanup(func() { _ = mem.Close() })
+	// A store that can fail; these tests never call it.
+	client := redis.NewClient(&redis.Options{Addr: "127.0.0.1:1"})
+	t.Cleanup(func() { _ = client.Close() })
+	remote := redisstore.New(client)
+	closed := interceptor.WithFailurePolicy(interceptor.FailClosed)
 	for _, tc := range []struct {
 		name   string
 		store  bucket.Store
@@ -131,13 +44,21 @@ func TestNewInterceptorErrors(t *testing.T) {
 		wantIn string
 	}{
 		{"nil store", nil, costs, nil, "store"},
-		{"nil costs", brokenStore{}, nil, nil, "cost map"},
-		{"zero timeout", brokenStore{}, costs, []interceptor.Option{interceptor.WithStoreTimeout(0)}, "timeout"},
-		{"negative timeout", brokenStore{}, costs, []interceptor.Option{interceptor.WithStoreTimeout(-time.Second)}, "-1s"},
-		{"bad policy", brokenStore{}, costs, []interceptor.Option{interceptor.WithFailurePolicy(9)}, "FailurePolicy(9)"},
-		{"nil identity func", brokenStore{}, costs, []interceptor.Option{interceptor.WithIdentityFunc(nil)}, "WithIdentityFunc"},
-		{"nil logger", brokenStore{}, costs, []interceptor.Option{interceptor.WithLogger(nil)}, "WithLogger"},
-		{"invalid proxy prefix", brokenStore{}, costs, []interceptor.Option{interceptor.WithTrustedProxies(netip.Prefix{})}, "proxy"},
+		{"nil costs", mem, nil, nil, "cost map"},
+		{"zero timeout", mem, costs, []interceptor.Option{interceptor.WithStoreTimeout(0)}, "timeout"},
+		{"timeout under 1ms", mem, costs, []interceptor.Option{interceptor.WithStoreTimeout(time.Nanosecond)}, "at least 1ms, got 1ns"},
+		{"negative timeout", mem, costs, []interceptor.Option{interceptor.WithStoreTimeout(-time.Second)}, "-1s"},
+		{"bad policy", mem, costs, []interceptor.Option{interceptor.WithFailurePolicy(9)}, "FailurePolicy(9)"},
+		{"nil identity func", mem, costs, []interceptor.Option{interceptor.WithIdentityFunc(nil)}, "WithIdentityFunc"},
+		{"nil logger", mem, costs, []interceptor.Option{interceptor.WithLogger(nil)}, "WithLogger"},
+		{"invalid proxy prefix", mem, costs, []interceptor.Option{interceptor.WithTrustedProxies(netip.Prefix{})}, "proxy"},
+		{"zero local share", mem, costs, []interceptor.Option{interceptor.WithLocalShare(0)}, "local share"},
+		{"local share over 1", mem, costs, []interceptor.Option{interceptor.WithLocalShare(1.5)}, "1.5"},
+		{"settle retry past the ID window", mem, costs, []interceptor.Option{interceptor.WithSettleQueue(8, time.Hour)}, "at most 59m0s"},
+		{"overdraft past MaxTokens", mem, costs, []interceptor.Option{interceptor.WithStreamOverdraft(1e16)}, "overdraft"},
+		{"local policy without a local store", remote, costs, nil, "WithLocalStore"},
+		{"a procedure's local policy without a local store", remote, localCosts, []interceptor.Option{closed}, "WithLocalStore"},
+		{"local store that can fail", remote, costs, []interceptor.Option{interceptor.WithLocalStore(remote)}, "in-process"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
@@ -146,6 +67,19 @@ func TestNewInterceptorErrors(t *testing.T) {
 				t.Fatalf("err = %v, want one mentioning %q", err, tc.wantIn)
 			}
 		})
+	}
+	// An in-process store never fails, so it needs no local store, and a
+	// store that can fail needs none when no procedure fails locally.
+	for _, store := range []bucket.Store{mem, remote} {
+		opts := []interceptor.Option{}
+		if store == remote {
+			opts = append(opts, closed)
+		}
+		ic, err := interceptor.NewInterceptor(store, costs, opts...)
+		if err != nil {
+			t.Fatalf("NewInterceptor(%T): %v", store, err)
+		}
+		_ = ic.Close(t.Context())
 	}
 }
 

@@ -106,11 +106,14 @@ func defaultIdentity(ctx context.Context, _ connect.Peer, _ http.Header) (Identi
 	return id, nil
 }
 
-// clientIP returns the address of the client: the peer, or, when the peer
-// is a trusted proxy, the rightmost X-Forwarded-For entry that is not a
-// trusted proxy. Entries left of an unparsable one are not trusted to be
-// genuine, so the walk stops there.
-func clientIP(peerAddr string, header http.Header, trusted []netip.Prefix) netip.Addr {
+// ClientIP returns the address of the client of a call from peerAddr (a
+// peer's "host:port") and its request headers: the peer, or, when the peer
+// is one of the trusted proxies, the rightmost X-Forwarded-For entry that
+// is not a trusted proxy. Entries left of an unparsable one are not trusted
+// to be genuine, so the walk stops there. It returns the zero Addr when
+// peerAddr is not an address. The interceptor identifies anonymous callers
+// with it; the server package limits failed authentications with it.
+func ClientIP(peerAddr string, header http.Header, trusted []netip.Prefix) netip.Addr {
 	ip := parseIP(peerAddr)
 	if !ip.IsValid() || !isTrusted(ip, trusted) {
 		return ip

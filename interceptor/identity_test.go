@@ -35,7 +35,7 @@ func TestClientIP(t *testing.T) {
 			for _, v := range tc.xff {
 				h.Add("X-Forwarded-For", v)
 			}
-			if got := clientIP(tc.peer, h, trusted).String(); got != tc.want {
+			if got := ClientIP(tc.peer, h, trusted).String(); got != tc.want {
 				t.Fatalf("clientIP = %s, want %s", got, tc.want)
 			}
 		})

@@ -88,6 +88,12 @@ func newFixtureConfig(t *testing.T, cfg costmap.Config, store bucket.Store, opts
 	}
 	// Quiet by default; tests that read the log pass their own logger.
 	opts = append([]interceptor.Option{interceptor.WithLogger(slog.New(slog.DiscardHandler))}, opts...)
+	if !bucket.IsInProcess(store) {
+		// The default policy decides locally while the store fails.
+		local := memstore.New()
+		t.Cleanup(func() { _ = local.Close() })
+		opts = append([]interceptor.Option{interceptor.WithLocalStore(local)}, opts...)
+	}
 	ic, err := interceptor.NewInterceptor(store, costs, opts...)
 	if err != nil {
 		t.Fatal(err)

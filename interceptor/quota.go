@@ -2,7 +2,6 @@ package interceptor
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"math"
 	"net/http"
@@ -25,6 +24,9 @@ import (
 func (i *Interceptor) NewQuotaHandler(opts ...connect.HandlerOption) (string, http.Handler) {
 	return connectlimitv1connect.NewQuotaServiceHandler(quotaService{i}, opts...)
 }
+
+// quotaProcedure names GetQuota in logs.
+const quotaProcedure = connectlimitv1connect.QuotaServiceGetQuotaProcedure
 
 type quotaService struct{ i *Interceptor }
 
@@ -59,12 +61,13 @@ func (q quotaService) GetQuota(ctx context.Context, req *connect.Request[connect
 			l, _ := tier.Limit(name)
 			charges[k] = bucket.Charge{Bucket: name, Limit: l}
 		}
-		sctx, cancel := context.WithTimeout(ctx, i.cfg.timeout)
-		d, err := i.store.Take(sctx, bucket.Request{Subject: id.Subject(), Charges: charges})
-		cancel()
+		d, err := i.back.take(ctx, bucket.Request{Subject: id.Subject(), Charges: charges})
 		if err != nil {
-			i.cfg.logger.WarnContext(ctx, "connectlimit: GetQuota: store failed", "subject", id.Subject(), "error", err)
-			return nil, connect.NewError(connect.CodeUnavailable, errors.New("connectlimit: rate limiter unavailable, retry later"))
+			if ctxErr := ctx.Err(); ctxErr != nil {
+				return nil, contextError(ctxErr)
+			}
+			i.back.log.storeFailed(ctx, "get quota", quotaProcedure, id.Subject(), FailClosed, err)
+			return nil, unavailableError()
 		}
 		levels := make([]float64, len(d.Buckets))
 		for k, b := range d.Buckets {

@@ -1,95 +1,163 @@
 package interceptor_test
 
 import (
-	"context"
-	"errors"
-	"sync/atomic"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/connectlimit/connectlimit/bucket"
-	"github.com/connectlimit/connectlimit/bucket/memstore"
 	"github.com/connectlimit/connectlimit/interceptor"
 )
 
-// flakyStore fails the first failures settlements (ModeAdjust requests). A
-// lost reply applies the request before failing, like a Redis whose reply
-// never arrived.
-type flakyStore struct {
-	*memstore.Store
-	failures  atomic.Int64
-	lostReply bool
-	always    bool
-}
-
-func (s *flakyStore) Take(ctx context.Context, req bucket.Request) (bucket.Decision, error) {
-	if req.Mode == bucket.ModeAdjust && (s.always || s.failures.Add(-1) >= 0) {
-		if s.lostReply {
-			_, _ = s.Store.Take(ctx, req)
-		}
-		return bucket.Decision{}, errors.New("connection reset")
-	}
-	return s.Store.Take(ctx, req)
-}
-
-func TestSettleRetries(t *testing.T) {
+// TestSettleRetriedAfterOutage breaks Redis while calls run, so that their
+// settlements cannot reach it: they are retried in the background, and once
+// Redis answers, what it holds is exactly what the calls used, whether the
+// settlement never reached Redis or reached it and lost its reply.
+func TestSettleRetriedAfterOutage(t *testing.T) {
 	t.Parallel()
 	for _, tc := range []struct {
-		name        string
-		failures    int64
-		lostReply   bool
-		always      bool
-		wantRetried uint64
-		wantDropped uint64
-		wantCharged float64
+		name    string
+		inject  func(t *testing.T, f *faultFixture)
+		recover func(t *testing.T, f *faultFixture)
 	}{
-		{"retried until applied", 3, false, false, 1, 0, 30},
-		{"a lost reply is not applied twice", 2, true, false, 1, 0, 30},
-		{"dropped when retries run out", 0, false, true, 1, 1, 100},
+		{"never reached Redis",
+			func(t *testing.T, f *faultFixture) { f.refuseConnections(t) },
+			func(t *testing.T, f *faultFixture) { must(t, f.proxy.Enable()) }},
+		{"applied, reply lost",
+			func(t *testing.T, f *faultFixture) { must(t, f.proxy.DropReplies()) },
+			func(_ *testing.T, f *faultFixture) { f.proxy.Clear() }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
-			store := &flakyStore{Store: memstore.New(), lostReply: tc.lostReply, always: tc.always}
-			t.Cleanup(func() { _ = store.Close() })
-			store.failures.Store(tc.failures)
-			f := newAIFixture(t, aiConfig(), store, interceptor.WithSettleQueue(4, 300*time.Millisecond))
-			if _, err := f.ask.CallUnary(t.Context(), f.request("use=30", 100)); err != nil {
-				t.Fatal(err)
-			}
-			eventually(t, "the settlement is applied or dropped", func() bool {
-				s := f.ic.Stats()
-				_, tokens := f.levels(t, "ip:127.0.0.1")
-				return s.SettlesRetried == tc.wantRetried && s.SettlesDropped == tc.wantDropped && near(1000-tokens, tc.wantCharged)
+			f := newFaultFixtureTimeout(t, aiConfig(), interceptor.FailClosed, 2*time.Second)
+			done := make(chan error, 1)
+			go func() {
+				_, err := f.ask.CallUnary(t.Context(), f.request("gate,use=30", 100))
+				done <- err
+			}()
+			// The reservation reached Redis; break it before the call
+			// settles.
+			eventually(t, "the call reserved", func() bool {
+				_, tokens := f.charged(t, "ip:127.0.0.1")
+				return near(tokens, 100)
 			})
-			if err := f.ic.Close(t.Context()); err != nil {
-				t.Fatal(err)
+			tc.inject(t, f)
+			f.gate <- struct{}{}
+			if err := <-done; err != nil {
+				t.Fatalf("call: %v", err)
 			}
-			if _, tokens := f.levels(t, "ip:127.0.0.1"); !near(1000-tokens, tc.wantCharged) {
-				t.Fatalf("charged %v after Close, want %v", 1000-tokens, tc.wantCharged)
+			if s := f.ic.Stats(); s.SettlesRetried == 0 {
+				t.Fatalf("stats %+v: the settlement was not queued for a retry", s)
+			}
+			tc.recover(t, f)
+			eventually(t, "Redis holds what the call used", func() bool {
+				requests, tokens := f.charged(t, "ip:127.0.0.1")
+				return near(requests, 1) && near(tokens, 30)
+			})
+			if s := f.ic.Stats(); s.SettlesDropped != 0 {
+				t.Fatalf("stats %+v: a settlement was dropped", s)
 			}
 		})
 	}
 }
 
-func TestSettleQueueFull(t *testing.T) {
+// TestSettleDroppedWhenRetriesRunOut keeps Redis away longer than the
+// settle retry duration: the settlement is dropped and counted, and the
+// call keeps what it reserved.
+func TestSettleDroppedWhenRetriesRunOut(t *testing.T) {
 	t.Parallel()
-	store := &flakyStore{Store: memstore.New(), always: true}
-	t.Cleanup(func() { _ = store.Close() })
-	f := newAIFixture(t, aiConfig(), store, interceptor.WithSettleQueue(1, time.Hour))
-	for range 5 {
-		if _, err := f.ask.CallUnary(t.Context(), f.request("use=1", 10)); err != nil {
-			t.Fatal(err)
+	f := newFaultFixtureTimeout(t, aiConfig(), interceptor.FailClosed, 2*time.Second, interceptor.WithSettleQueue(4, 300*time.Millisecond))
+	done := make(chan error, 1)
+	go func() {
+		_, err := f.ask.CallUnary(t.Context(), f.request("gate,use=30", 100))
+		done <- err
+	}()
+	eventually(t, "the call reserved", func() bool {
+		_, tokens := f.charged(t, "ip:127.0.0.1")
+		return near(tokens, 100)
+	})
+	f.proxy.Disable()
+	f.gate <- struct{}{}
+	if err := <-done; err != nil {
+		t.Fatalf("call: %v", err)
+	}
+	eventually(t, "the settlement is dropped", func() bool { return f.ic.Stats().SettlesDropped == 1 })
+	must(t, f.proxy.Enable())
+	time.Sleep(500 * time.Millisecond) // nothing may arrive late
+	if requests, tokens := f.charged(t, "ip:127.0.0.1"); !near(requests, 1) || !near(tokens, 100) {
+		t.Fatalf("charged %v requests and %v tokens, want the reservation kept: 1 and 100", requests, tokens)
+	}
+}
+
+// TestSettleQueueBounds fills a small settle queue while Redis is down:
+// settlements of one caller are merged into one entry, the callers that do
+// not fit are dropped and counted, and one entry that keeps failing does
+// not hold up the others.
+func TestSettleQueueBounds(t *testing.T) {
+	t.Parallel()
+	f := newFaultFixtureTimeout(t, aiConfig(), interceptor.FailClosed, 2*time.Second, interceptor.WithSettleQueue(2, time.Minute))
+	// Each call waits at its gate after reserving: u0 twice and u1 settle
+	// first, then u2 and u3.
+	calls := []struct{ user, gate string }{{"u0", "first"}, {"u0", "first"}, {"u1", "first"}, {"u2", "then"}, {"u3", "then"}}
+	var wg sync.WaitGroup
+	for _, c := range calls {
+		wg.Go(func() {
+			req := f.request("gate="+c.gate+",use=30", 100)
+			req.Header().Set("X-Test-Identity", ":"+c.user)
+			if _, err := f.ask.CallUnary(t.Context(), req); err != nil {
+				t.Errorf("%s: %v", c.user, err)
+			}
+		})
+	}
+	eventually(t, "every call reserved", func() bool {
+		for user, want := range map[string]float64{"u0": 200, "u1": 100, "u2": 100, "u3": 100} {
+			if _, tokens := f.charged(t, "user:"+user); !near(tokens, want) {
+				return false
+			}
+		}
+		return true
+	})
+	// u1's settlement will keep failing: its bucket key no longer holds a
+	// bucket.
+	rc := f.redis.NewClient(t)
+	must(t, rc.Del(t.Context(), "cl:{user:u1}:tokens").Err())
+	must(t, rc.RPush(t.Context(), "cl:{user:u1}:tokens", "not a bucket").Err())
+	f.refuseConnections(t)
+	close(f.namedGate("first"))
+	eventually(t, "u0 and u1 settle into the queue", func() bool { return f.ic.Stats().SettlesRetried == 3 })
+	close(f.namedGate("then"))
+	wg.Wait()
+	// Two entries fit: u0 (both calls, merged) and u1; u2 and u3 are
+	// dropped.
+	if s := f.ic.Stats(); s.SettlesDropped != 2 || s.SettlesRetried != 3 {
+		t.Fatalf("stats %+v: want 3 settlements queued (two of one caller) and 2 dropped", s)
+	}
+	must(t, f.proxy.Enable())
+	eventually(t, "u0's two settlements are applied while u1's keeps failing", func() bool {
+		_, tokens := f.charged(t, "user:u0")
+		return near(tokens, 60)
+	})
+}
+
+// refuseConnections makes the proxy refuse connections, and waits until the
+// store's pooled connections are gone too, so that the next requests
+// certainly do not reach Redis (a request written on a connection the proxy
+// is closing has an unknown outcome).
+func (f *faultFixture) refuseConnections(t *testing.T) {
+	t.Helper()
+	f.proxy.Disable()
+	probe := bucket.Request{Subject: "probe", Charges: []bucket.Charge{{Bucket: "probe", Limit: bucket.Limit{Capacity: 1, RefillPerSecond: 1}}}}
+	// Each request on a connection the proxy closed fails and retires
+	// it; once the pool is empty of them, new connections are refused.
+	refused := 0
+	for range 100 {
+		if _, err := f.store.Take(t.Context(), probe); err != nil && !bucket.MayHaveApplied(err) {
+			if refused++; refused == 25 {
+				return
+			}
+		} else {
+			refused = 0
 		}
 	}
-	// One settlement is retried at a time and one waits; the other three
-	// find the queue full and are dropped at once.
-	eventually(t, "the overflow is dropped", func() bool { return f.ic.Stats().SettlesDropped >= 3 })
-	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
-	defer cancel()
-	if err := f.ic.Close(ctx); err != nil {
-		t.Fatal(err)
-	}
-	if s := f.ic.Stats(); s.SettlesDropped+s.SettlesRetried < 5 || s.SettlesDropped != 5 {
-		t.Fatalf("stats %+v: want all 5 settlements dropped and accounted for", s)
-	}
+	t.Fatal("the store still reaches Redis after the proxy stopped")
 }

@@ -2,7 +2,11 @@ package interceptor
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"errors"
 	"log/slog"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -10,138 +14,423 @@ import (
 	"github.com/connectlimit/connectlimit/bucket"
 )
 
-// settler retries, in the background, settlements that did not reach the
-// store. Each settlement carries an ID, so a retry after a lost reply is not
-// applied twice.
+// settler applies, in the background, what could not reach the store when
+// a call needed it: settlements, the resolution of requests whose outcome
+// was unknown, post-paid bills, and lease releases. It holds two kinds of
+// entries:
+//
+//   - jobs: a call's chain of steps that must be applied in order, each
+//     with its own request ID, resent with that ID until it succeeds (so a
+//     lost reply never charges twice);
+//   - balances: what callers owe or are owed from requests that certainly
+//     never reached the store, merged per subject and sent under a fresh ID
+//     when the store is back, so an outage costs one entry per caller
+//     rather than one per call.
+//
+// A worker goroutine runs while there are entries: it tries every entry,
+// then waits (50ms, doubling to 5s while nothing succeeds). An entry older
+// than the retry duration, or refused as invalid, is dropped, logged and
+// counted; one entry never blocks the others.
 type settler struct {
-	store    bucket.Store
-	timeout  time.Duration
+	back     *backend
 	retryFor time.Duration
+	max      int
+	idWindow time.Duration
 	logger   *slog.Logger
+	now      func() time.Time
+	drops    *rateLimiter
 
-	queue   chan settlement
+	mu       sync.Mutex
+	jobs     []*job
+	balances map[string]*balance // by subject
+	entries  int                 // steps of queued jobs plus balances
+	running  bool
+	closed   bool
+	stop     chan struct{}
+	done     chan struct{} // closed by the worker when it exits after stop
+
 	retried atomic.Uint64
 	dropped atomic.Uint64
-
-	mu     sync.Mutex
-	closed bool
-	done   chan struct{}
-	stop   chan struct{}
 }
 
-type settlement struct {
+// job is a call's chain of background steps, applied in order.
+type job struct {
 	procedure string
-	req       bucket.Request
+	steps     []step // guarded by settler.mu
+	queued    bool   // in settler.jobs
+}
+
+// step is one background store call: an adjustment with an ID, or a lease
+// release.
+type step struct {
+	req     bucket.Request
+	release *leaseRef
+	since   time.Time
+}
+
+// leaseRef names a lease to release.
+type leaseRef struct {
+	store             bucket.LeaseStore
+	subject, name, id string
+}
+
+// balance is what one subject owes (positive) or is owed (negative) per
+// bucket, from requests that certainly never reached the store.
+type balance struct {
+	procedure string // of the latest call merged in, for logs
+	charges   []bucket.Charge
+	calls     int
 	since     time.Time
 }
 
-func newSettler(store bucket.Store, cfg config) *settler {
-	s := &settler{
-		store: store, timeout: cfg.timeout, retryFor: cfg.settleFor, logger: cfg.logger,
-		queue: make(chan settlement, cfg.settleQueue), done: make(chan struct{}), stop: make(chan struct{}),
+func newSettler(back *backend, cfg config, idWindow time.Duration) *settler {
+	return &settler{
+		back: back, retryFor: cfg.settleFor, max: cfg.settleQueue, idWindow: idWindow,
+		logger: cfg.logger, now: cfg.now, drops: newRateLimiter(cfg.logEvery),
+		balances: map[string]*balance{},
+		stop:     make(chan struct{}), done: make(chan struct{}),
 	}
-	go s.run()
-	return s
 }
 
-// enqueue queues a settlement whose first attempt failed with err.
-func (s *settler) enqueue(ctx context.Context, procedure string, req bucket.Request, err error) {
+func (s *settler) newJob(procedure string) *job { return &job{procedure: procedure} }
+
+// push appends st to j and queues j. cause is why it could not be applied
+// at once.
+func (s *settler) push(ctx context.Context, j *job, st step, cause error) {
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	if !s.closed {
-		select {
-		case s.queue <- settlement{procedure: procedure, req: req, since: time.Now()}:
-			s.retried.Add(1)
-			s.logger.WarnContext(ctx, "connectlimit: settlement failed; retrying in the background",
-				settleAttrs(procedure, req, err)...)
-			return
-		default:
+	if s.closed || s.entries >= s.max {
+		why := "the retry queue is full"
+		if s.closed {
+			why = "the interceptor is closed"
 		}
+		s.mu.Unlock()
+		s.drop(ctx, j.procedure, st, why, cause)
+		return
 	}
-	s.drop(ctx, procedure, req, "the retry queue is full or closed", err)
+	st.since = s.now()
+	j.steps = append(j.steps, st)
+	s.entries++
+	if !j.queued {
+		j.queued = true
+		s.jobs = append(s.jobs, j)
+	}
+	s.startLocked()
+	s.mu.Unlock()
+	s.retried.Add(1)
 }
 
-func (s *settler) drop(ctx context.Context, procedure string, req bucket.Request, why string, err error) {
-	s.dropped.Add(1)
-	s.logger.ErrorContext(ctx, "connectlimit: settlement dropped: "+why, settleAttrs(procedure, req, err)...)
+// owe merges req, which certainly did not reach the store, into its
+// subject's balance.
+func (s *settler) owe(ctx context.Context, procedure string, req bucket.Request, cause error) {
+	s.mu.Lock()
+	b, ok := s.balances[req.Subject]
+	if !ok && (s.closed || s.entries >= s.max) {
+		why := "the retry queue is full"
+		if s.closed {
+			why = "the interceptor is closed"
+		}
+		s.mu.Unlock()
+		s.drop(ctx, procedure, step{req: req}, why, cause)
+		return
+	}
+	if !ok {
+		b = &balance{since: s.now()}
+		s.balances[req.Subject] = b
+		s.entries++
+	}
+	b.add(procedure, req.Charges, 1)
+	s.startLocked()
+	s.mu.Unlock()
+	s.retried.Add(1)
 }
 
-func settleAttrs(procedure string, req bucket.Request, err error) []any {
-	amounts := make(map[string]float64, len(req.Charges))
-	for _, c := range req.Charges {
-		amounts[c.Bucket] = c.Cost
+func (b *balance) add(procedure string, charges []bucket.Charge, calls int) {
+	b.procedure = procedure
+	b.calls += calls
+	for _, c := range charges {
+		i := slices.IndexFunc(b.charges, func(have bucket.Charge) bool { return have.Bucket == c.Bucket })
+		if i < 0 {
+			b.charges = append(b.charges, c)
+			continue
+		}
+		b.charges[i].Limit = c.Limit // the latest limit of the caller's tier
+		b.charges[i].Cost += c.Cost
 	}
-	return []any{"procedure", procedure, "subject", req.Subject, "settle_id", req.ID, "amounts", amounts, "error", err}
+}
+
+// startLocked starts the worker if it is not running. The caller holds
+// s.mu.
+func (s *settler) startLocked() {
+	if !s.running && !s.closed {
+		s.running = true
+		go s.run()
+	}
 }
 
 func (s *settler) run() {
-	defer close(s.done)
-	for {
-		var job settlement
-		select {
-		case job = <-s.queue:
-		case <-s.stop:
-			// Drain what is left, one attempt each.
-			for {
-				select {
-				case job = <-s.queue:
-					if err := s.attempt(job); err != nil {
-						s.drop(context.Background(), job.procedure, job.req, "the interceptor was closed", err)
-					}
-				default:
-					return
-				}
-			}
-		}
-		s.retry(job)
-	}
-}
-
-// retry attempts a settlement with exponential backoff until it succeeds,
-// retryFor has passed since it first failed, or the settler is closed.
-func (s *settler) retry(job settlement) {
 	backoff := 50 * time.Millisecond
 	for {
-		err := s.attempt(job)
-		if err == nil {
-			return
-		}
-		if time.Since(job.since)+backoff > s.retryFor {
-			s.drop(context.Background(), job.procedure, job.req, "retries ran out", err)
-			return
-		}
-		select {
-		case <-time.After(backoff):
-		case <-s.stop:
-			if err := s.attempt(job); err != nil {
-				s.drop(context.Background(), job.procedure, job.req, "the interceptor was closed", err)
+		progress := s.pass(false)
+		s.mu.Lock()
+		if s.entries == 0 {
+			s.running = false
+			if s.closed {
+				close(s.done) // close is waiting for this worker
 			}
+			s.mu.Unlock()
 			return
 		}
-		backoff = min(2*backoff, 5*time.Second)
+		s.mu.Unlock()
+		if progress {
+			backoff = 50 * time.Millisecond
+		} else {
+			backoff = min(2*backoff, 5*time.Second)
+		}
+		t := time.NewTimer(backoff)
+		select {
+		case <-t.C:
+		case <-s.stop:
+			t.Stop()
+			s.pass(true)
+			close(s.done)
+			return
+		}
 	}
 }
 
-func (s *settler) attempt(job settlement) error {
-	ctx, cancel := context.WithTimeout(context.Background(), s.timeout)
-	defer cancel()
-	_, err := s.store.Take(ctx, job.req)
+// pass tries every entry once and reports whether any succeeded. With
+// final, whatever still fails is dropped.
+func (s *settler) pass(final bool) bool {
+	progress := false
+	s.mu.Lock()
+	jobs := slices.Clone(s.jobs)
+	subjects := make([]string, 0, len(s.balances))
+	for subject := range s.balances {
+		subjects = append(subjects, subject)
+	}
+	s.mu.Unlock()
+	for _, j := range jobs {
+		if s.runJob(j, final) {
+			progress = true
+		}
+	}
+	for _, subject := range subjects {
+		if s.payBalance(subject, final) {
+			progress = true
+		}
+	}
+	return progress
+}
+
+// runJob applies j's steps in order until one fails.
+func (s *settler) runJob(j *job, final bool) bool {
+	progress := false
+	for {
+		s.mu.Lock()
+		if len(j.steps) == 0 {
+			s.unqueueLocked(j)
+			s.mu.Unlock()
+			return progress
+		}
+		st := j.steps[0]
+		s.mu.Unlock()
+		if s.now().Sub(st.since) > s.retryFor {
+			s.dropJob(j, "retries ran out", errors.New("not applied within the settle retry duration"))
+			return progress
+		}
+		err := s.attempt(st)
+		switch {
+		case err == nil:
+			progress = true
+			s.mu.Lock()
+			j.steps = j.steps[1:]
+			s.entries--
+			s.mu.Unlock()
+		case errors.Is(err, bucket.ErrInvalidRequest):
+			s.mu.Lock()
+			j.steps = j.steps[1:]
+			s.entries--
+			s.mu.Unlock()
+			s.drop(context.Background(), j.procedure, st, "the store refused it as invalid", err)
+		case final:
+			s.dropJob(j, "the interceptor was closed", err)
+			return progress
+		default:
+			return progress
+		}
+	}
+}
+
+// unqueueLocked removes an empty job from the queue. The caller holds s.mu.
+func (s *settler) unqueueLocked(j *job) {
+	if j.queued {
+		j.queued = false
+		s.jobs = slices.DeleteFunc(s.jobs, func(q *job) bool { return q == j })
+	}
+}
+
+// dropJob drops every step left in j: the later steps depend on the
+// earlier ones.
+func (s *settler) dropJob(j *job, why string, cause error) {
+	s.mu.Lock()
+	steps := j.steps
+	j.steps = nil
+	s.entries -= len(steps)
+	s.unqueueLocked(j)
+	s.mu.Unlock()
+	for _, st := range steps {
+		s.drop(context.Background(), j.procedure, st, why, cause)
+	}
+}
+
+// payBalance sends subject's balance under a fresh ID.
+func (s *settler) payBalance(subject string, final bool) bool {
+	s.mu.Lock()
+	b, ok := s.balances[subject]
+	if ok {
+		delete(s.balances, subject)
+	}
+	s.mu.Unlock()
+	if !ok {
+		return false
+	}
+	charges := slices.DeleteFunc(b.charges, func(c bucket.Charge) bool { return c.Cost == 0 })
+	req := bucket.Request{Subject: subject, Charges: charges, Mode: bucket.ModeAdjust, ID: randomID() + ".b", IDWindow: s.idWindow}
+	if len(charges) == 0 {
+		s.mu.Lock()
+		s.entries--
+		s.mu.Unlock()
+		return false
+	}
+	if s.now().Sub(b.since) > s.retryFor {
+		s.mu.Lock()
+		s.entries--
+		s.mu.Unlock()
+		s.drop(context.Background(), b.procedure, step{req: req}, "retries ran out", errors.New("not applied within the settle retry duration"))
+		return false
+	}
+	err := s.attempt(step{req: req})
+	switch {
+	case err == nil:
+		s.mu.Lock()
+		s.entries--
+		s.mu.Unlock()
+		return true
+	case errors.Is(err, bucket.ErrInvalidRequest) || final:
+		s.mu.Lock()
+		s.entries--
+		s.mu.Unlock()
+		why := "the store refused it as invalid"
+		if final && !errors.Is(err, bucket.ErrInvalidRequest) {
+			why = "the interceptor was closed"
+		}
+		s.drop(context.Background(), b.procedure, step{req: req}, why, err)
+		return false
+	case bucket.MayHaveApplied(err):
+		// It may have been applied: only a resend with this ID may follow.
+		j := s.newJob(b.procedure)
+		s.mu.Lock()
+		s.entries--
+		s.mu.Unlock()
+		s.push(context.Background(), j, step{req: req}, err)
+		return false
+	default:
+		s.mu.Lock()
+		if merged, ok := s.balances[subject]; ok {
+			// New calls owed meanwhile: merge, keeping the older start.
+			merged.add(b.procedure, charges, b.calls)
+			merged.since = b.since
+			s.entries--
+		} else {
+			s.balances[subject] = b
+		}
+		s.mu.Unlock()
+		return false
+	}
+}
+
+func (s *settler) attempt(st step) error {
+	ctx := context.Background()
+	if st.release != nil {
+		r := st.release
+		return s.back.release(ctx, r.store, r.subject, r.name, r.id)
+	}
+	_, err := s.back.take(ctx, st.req)
 	return err
 }
 
-// close stops taking settlements, gives those queued one last attempt, and
+// drop gives up on st, counting and logging it (at most once per log
+// interval with its amounts; the lines between are counted).
+func (s *settler) drop(ctx context.Context, procedure string, st step, why string, cause error) {
+	s.dropped.Add(1)
+	ok, suppressed := s.drops.allow()
+	if !ok {
+		return
+	}
+	attrs := []any{"procedure", procedure}
+	if st.release != nil {
+		attrs = append(attrs, "subject", st.release.subject, "lease", st.release.name, "lease_id", st.release.id)
+	} else {
+		amounts := make(map[string]float64, len(st.req.Charges))
+		for _, c := range st.req.Charges {
+			amounts[c.Bucket] = c.Cost
+		}
+		attrs = append(attrs, "subject", st.req.Subject, "settle_id", st.req.ID, "amounts", amounts)
+	}
+	attrs = append(attrs, "error", cause, "dropped_not_logged", suppressed)
+	s.logger.ErrorContext(ctx, "connectlimit: settlement dropped: "+why, attrs...)
+}
+
+// close stops taking entries, gives those queued one last attempt, and
 // waits for the worker until ctx is done.
 func (s *settler) close(ctx context.Context) error {
 	s.mu.Lock()
-	if !s.closed {
-		s.closed = true
-		close(s.stop)
+	if s.closed {
+		s.mu.Unlock()
+		return nil
 	}
+	s.closed = true
+	running := s.running
+	close(s.stop)
 	s.mu.Unlock()
+	if !running {
+		return nil
+	}
 	select {
 	case <-s.done:
 		return nil
 	case <-ctx.Done():
 		return ctx.Err()
 	}
+}
+
+func randomID() string {
+	var b [12]byte
+	_, _ = rand.Read(b[:]) // crypto/rand.Read never fails
+	return base64.RawURLEncoding.EncodeToString(b[:])
+}
+
+// rateLimiter lets one event through per interval and counts the others.
+type rateLimiter struct {
+	every      time.Duration
+	mu         sync.Mutex
+	last       time.Time
+	suppressed int
+}
+
+func newRateLimiter(every time.Duration) *rateLimiter { return &rateLimiter{every: every} }
+
+// allow reports whether an event may be logged now and, if so, how many
+// were suppressed since the last one.
+func (r *rateLimiter) allow() (bool, int) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	now := time.Now()
+	if !r.last.IsZero() && now.Sub(r.last) < r.every {
+		r.suppressed++
+		return false, 0
+	}
+	n := r.suppressed
+	r.last, r.suppressed = now, 0
+	return true, n
 }

@@ -72,4 +72,19 @@ echo "ok"
 section "go test"
 run go test -race -cover -count=1 -timeout 10m ./...
 
+section "fuzz"
+# go test above replays every fuzz target's committed corpus
+# (testdata/fuzz/<target>/); here each target also mutates its inputs for a
+# few seconds, so that new crashers surface. A crasher is written to that
+# directory: fix the bug, then commit it as a seed. FUZZTIME=1m runs longer.
+# Minimizing each new interesting input is capped at 1s so that it does not
+# eat a short run.
+fuzztime=${FUZZTIME:-4s}
+fuzz() { run go test -run '^$' -fuzz "^$1\$" -fuzztime "$fuzztime" -fuzzminimizetime 1s "$2"; }
+fuzz FuzzDecide ./bucket
+fuzz FuzzKey ./bucket/redisstore
+fuzz FuzzParseConfig ./costmap
+fuzz FuzzEstimate ./costmap
+fuzz FuzzSubject ./interceptor
+
 section "all checks passed"

@@ -4,11 +4,14 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"maps"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
+	"github.com/connectlimit/connectlimit/bucket"
 	"github.com/connectlimit/connectlimit/costmap"
 	"github.com/connectlimit/connectlimit/interceptor"
 )
@@ -21,8 +24,13 @@ import (
 //	api_keys:
 //	  demo-key-alice: { user: alice, tier: pro }
 //	trusted_proxies: [10.0.0.0/8]   # optional
-//	failure_policy: open            # optional: open (default) or closed
+//	failure_policy: local           # optional: local (default), open or closed
+//	local_share: 0.5                # optional: share of each limit one instance keeps under local
 //	store_timeout: 100ms            # optional
+//	auth_failures: { capacity: 20, period: 400s }  # optional: the default
+//	max_message_bytes: 4194304      # optional: the default, 4 MiB
+//	read_timeout: 1m                # optional: the default; 0s for none
+//	idle_timeout: 2m                # optional: the default; 0s for none
 //
 // The bucket fields are those of [costmap.Config].
 type Config struct {
@@ -30,31 +38,101 @@ type Config struct {
 	// APIKeys maps each accepted API key, sent as "Authorization: Bearer
 	// <key>", to who owns it. A call with an unknown key is rejected with
 	// CodeUnauthenticated; a call without the header is anonymous and
-	// limited by client IP.
+	// limited by client IP. Names must be unique: two keys with one name
+	// would share buckets.
 	APIKeys map[string]APIKey `yaml:"api_keys"`
 	// TrustedProxies lists the addresses or CIDR prefixes of reverse proxies
 	// whose X-Forwarded-For header is believed. Empty by default.
 	TrustedProxies []string `yaml:"trusted_proxies"`
-	// FailurePolicy is "open" (the default) or "closed"; see
-	// [interceptor.FailurePolicy].
+	// FailurePolicy is what happens to calls when the store fails: "local"
+	// (the default), "open" or "closed"; see [interceptor.FailurePolicy].
+	// A procedures entry may set its own.
 	FailurePolicy string `yaml:"failure_policy"`
-	// StoreTimeout bounds each store call; zero means
-	// [interceptor.DefaultStoreTimeout].
+	// LocalShare is the share, in (0, 1], of every limit each instance
+	// enforces on its own under the local policy; zero means
+	// [interceptor.DefaultLocalShare]. With n instances an outage admits
+	// at most n × local_share × limit.
+	LocalShare float64 `yaml:"local_share"`
+	// StoreTimeout bounds each store round trip, from 1ms to 1m; zero
+	// means [interceptor.DefaultStoreTimeout]. Every concurrency lease
+	// must be at least 10 times as long.
 	StoreTimeout time.Duration `yaml:"store_timeout"`
+	// AuthFailures limits failed authentications (unknown API keys,
+	// malformed Authorization headers) per client IP, shared through the
+	// store; past it, calls from that IP get CodeResourceExhausted with a
+	// RetryInfo, without their key being checked. Unset means the default,
+	// [DefaultAuthFailures]: a burst of 20 failures, then 3 a minute.
+	AuthFailures *AuthFailures `yaml:"auth_failures"`
+	// MaxMessageBytes is the largest request message, in bytes, that the
+	// handlers built with [Server.HandlerOptions] read (after
+	// decompression); larger ones get CodeResourceExhausted. Zero means
+	// [DefaultMaxMessageBytes].
+	MaxMessageBytes int `yaml:"max_message_bytes"`
+	// ReadTimeout bounds reading one request, headers and body: a client or
+	// bidi stream must finish sending within it. Unset means
+	// [DefaultReadTimeout]; 0s means none.
+	ReadTimeout *time.Duration `yaml:"read_timeout"`
+	// IdleTimeout is how long an idle keep-alive connection stays open.
+	// Unset means [DefaultIdleTimeout]; 0s means none.
+	IdleTimeout *time.Duration `yaml:"idle_timeout"`
 }
 
 // APIKey describes the owner of an API key.
 type APIKey struct {
 	// User is the user the key belongs to.
 	User string `yaml:"user"`
-	// Name identifies the key in buckets, logs and QuotaFailure details.
-	// It defaults to "sha256:" and the first 12 hex digits of the key's
-	// SHA-256, so the secret itself is never stored or echoed.
+	// Name identifies the key in buckets, logs and QuotaFailure details,
+	// and must be unique among the keys. It defaults to "sha256:" and the
+	// first 12 hex digits of the key's SHA-256, so the secret itself is
+	// never stored or echoed.
 	Name string `yaml:"name"`
 	// Tier is the key's tier, one of the configuration's tiers. Empty
 	// means the configuration's default_tier.
 	Tier string `yaml:"tier"`
 }
+
+// AuthFailures is the bucket of failed authentications each client IP
+// has. Give the refill rate per second or as a period, as for a
+// [costmap.BucketConfig].
+type AuthFailures struct {
+	// Disabled turns the limit off.
+	Disabled bool `yaml:"disabled"`
+	// Capacity is how many failures in a burst, > 0.
+	Capacity float64 `yaml:"capacity"`
+	// RefillPerSecond is how many failures a second are forgiven.
+	RefillPerSecond float64 `yaml:"refill_per_second"`
+	// Period, instead of RefillPerSecond, is how long an exhausted bucket
+	// takes to refill completely.
+	Period time.Duration `yaml:"period"`
+}
+
+// DefaultAuthFailures is the limit on failed authentications when the
+// configuration sets none: a burst of 20, then one every 20 seconds.
+var DefaultAuthFailures = AuthFailures{Capacity: 20, Period: 400 * time.Second}
+
+// DefaultMaxMessageBytes is the largest request message the server's
+// handlers read unless the configuration sets max_message_bytes: 4 MiB,
+// connect-go v2's default.
+const DefaultMaxMessageBytes = 4 << 20
+
+// DefaultReadTimeout bounds reading a request unless the configuration
+// sets read_timeout.
+const DefaultReadTimeout = time.Minute
+
+// DefaultIdleTimeout is how long idle connections stay open unless the
+// configuration sets idle_timeout.
+const DefaultIdleTimeout = 2 * time.Minute
+
+// maxStoreTimeout bounds store_timeout: a limiter that waits longer for its
+// store is itself an outage.
+const maxStoreTimeout = time.Minute
+
+// reservedBucketPrefix starts the names of the buckets the server keeps for
+// itself, such as the failed-authentication bucket.
+const reservedBucketPrefix = "connectlimit."
+
+// authFailureBucket names the failed-authentication bucket of each IP.
+const authFailureBucket = reservedBucketPrefix + "auth_failures"
 
 // LoadConfig reads and validates the configuration file at path.
 func LoadConfig(path string) (Config, error) {
@@ -82,7 +160,7 @@ func ParseConfig(data []byte) (Config, error) {
 	return cfg, nil
 }
 
-// Validate reports the first problem in cfg.
+// Validate reports the first problem in cfg, naming the field and value.
 func (cfg Config) Validate() error {
 	if err := cfg.Config.Validate(); err != nil {
 		return err
@@ -90,13 +168,37 @@ func (cfg Config) Validate() error {
 	if _, err := cfg.failurePolicy(); err != nil {
 		return err
 	}
-	if cfg.StoreTimeout < 0 {
-		return fmt.Errorf("server: store_timeout must not be negative, got %v", cfg.StoreTimeout)
+	if cfg.LocalShare != 0 && !(cfg.LocalShare > 0 && cfg.LocalShare <= 1) {
+		return fmt.Errorf("server: local_share must be greater than 0 and at most 1, got %v", cfg.LocalShare)
+	}
+	if cfg.StoreTimeout != 0 && (cfg.StoreTimeout < time.Millisecond || cfg.StoreTimeout > maxStoreTimeout) {
+		return fmt.Errorf("server: store_timeout must be from 1ms to %v, got %v", maxStoreTimeout, cfg.StoreTimeout)
+	}
+	if err := cfg.checkLeases(); err != nil {
+		return err
+	}
+	if _, err := cfg.authFailureLimit(); err != nil {
+		return err
+	}
+	if cfg.MaxMessageBytes < 0 {
+		return fmt.Errorf("server: max_message_bytes must not be negative, got %d", cfg.MaxMessageBytes)
+	}
+	for field, d := range map[string]*time.Duration{"read_timeout": cfg.ReadTimeout, "idle_timeout": cfg.IdleTimeout} {
+		if d != nil && *d < 0 {
+			return fmt.Errorf("server: %s must not be negative, got %v", field, *d)
+		}
+	}
+	for name := range cfg.Buckets {
+		if strings.HasPrefix(name, reservedBucketPrefix) {
+			return fmt.Errorf("server: bucket name %q starts with %q, which the server keeps for its own buckets", name, reservedBucketPrefix)
+		}
 	}
 	if _, err := cfg.trustedProxies(); err != nil {
 		return err
 	}
-	for key, owner := range cfg.APIKeys {
+	names := map[string]string{} // key name → user of the first key with it
+	for _, key := range slices.Sorted(maps.Keys(cfg.APIKeys)) {
+		owner := cfg.APIKeys[key]
 		if key == "" || strings.ContainsFunc(key, func(r rune) bool { return r <= ' ' || r > '~' }) {
 			// Never echo the key: it is a secret.
 			return fmt.Errorf("server: api_keys: a key of %d bytes is empty or has spaces or non-ASCII bytes", len(key))
@@ -104,19 +206,104 @@ func (cfg Config) Validate() error {
 		if _, declared := cfg.Tiers[owner.Tier]; owner.Tier != "" && !declared {
 			return fmt.Errorf("server: api_keys: the key of user %q has tier %q, which is not declared under tiers:", owner.User, owner.Tier)
 		}
+		name := keyName(key, owner)
+		if other, dup := names[name]; dup {
+			return fmt.Errorf("server: api_keys: two keys (of users %q and %q) have the name %q, so they would share buckets; give each key its own name", other, owner.User, name)
+		}
+		names[name] = owner.User
 	}
 	return nil
 }
 
-func (cfg Config) failurePolicy() (interceptor.FailurePolicy, error) {
-	switch cfg.FailurePolicy {
-	case "", "open":
-		return interceptor.FailOpen, nil
-	case "closed":
-		return interceptor.FailClosed, nil
-	default:
-		return 0, fmt.Errorf("server: failure_policy must be open or closed, got %q", cfg.FailurePolicy)
+// checkLeases checks that every concurrency lease outlives ten store
+// timeouts, so that a lease is never lost between two renewals (every
+// third of the lease) to a slow store.
+func (cfg Config) checkLeases() error {
+	timeout := cfg.storeTimeout()
+	check := func(field string, lease time.Duration) error {
+		if lease != 0 && lease < 10*timeout {
+			return fmt.Errorf("server: %s.lease is %v, but must be at least 10 × store_timeout (%v)", field, lease, 10*timeout)
+		}
+		return nil
 	}
+	if timeout*10 > costmap.DefaultLease {
+		for _, name := range slices.Sorted(maps.Keys(cfg.Concurrency)) {
+			if cfg.Concurrency[name].Lease == 0 {
+				return fmt.Errorf("server: concurrency.%s.lease is the default %v, but must be at least 10 × store_timeout (%v): set it", name, costmap.DefaultLease, 10*timeout)
+			}
+		}
+	}
+	for _, name := range slices.Sorted(maps.Keys(cfg.Concurrency)) {
+		if err := check("concurrency."+name, cfg.Concurrency[name].Lease); err != nil {
+			return err
+		}
+	}
+	for _, tier := range slices.Sorted(maps.Keys(cfg.Tiers)) {
+		for _, name := range slices.Sorted(maps.Keys(cfg.Tiers[tier].Concurrency)) {
+			if err := check("tiers."+tier+".concurrency."+name, cfg.Tiers[tier].Concurrency[name].Lease); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+func (cfg Config) storeTimeout() time.Duration {
+	if cfg.StoreTimeout == 0 {
+		return interceptor.DefaultStoreTimeout
+	}
+	return cfg.StoreTimeout
+}
+
+func (cfg Config) failurePolicy() (interceptor.FailurePolicy, error) {
+	if cfg.FailurePolicy == "" {
+		return interceptor.FailLocal, nil
+	}
+	p, err := interceptor.ParseFailurePolicy(cfg.FailurePolicy)
+	if err != nil {
+		return 0, fmt.Errorf("server: failure_policy must be local, open or closed, got %q", cfg.FailurePolicy)
+	}
+	return p, nil
+}
+
+// authFailureLimit returns the failed-authentication bucket's limit, and
+// false when the limit is disabled.
+func (cfg Config) authFailureLimit() (bucket.Limit, error) {
+	af := DefaultAuthFailures
+	if cfg.AuthFailures != nil {
+		af = *cfg.AuthFailures
+	}
+	if af.Disabled {
+		return bucket.Limit{}, nil
+	}
+	rate := af.RefillPerSecond
+	switch {
+	case af.Period != 0 && af.RefillPerSecond != 0:
+		return bucket.Limit{}, fmt.Errorf("server: auth_failures sets both refill_per_second (%v) and period (%v); set one", af.RefillPerSecond, af.Period)
+	case af.Period < 0:
+		return bucket.Limit{}, fmt.Errorf("server: auth_failures.period must be greater than 0, got %v", af.Period)
+	case af.Period > 0:
+		rate = af.Capacity / af.Period.Seconds()
+	}
+	l, err := bucket.NewLimit(af.Capacity, rate)
+	if err != nil {
+		return bucket.Limit{}, fmt.Errorf("server: auth_failures.%s", strings.TrimPrefix(err.Error(), "bucket: "))
+	}
+	return l, nil
+}
+
+func (cfg Config) maxMessageBytes() int {
+	if cfg.MaxMessageBytes == 0 {
+		return DefaultMaxMessageBytes
+	}
+	return cfg.MaxMessageBytes
+}
+
+func durationOr(d *time.Duration, def time.Duration) time.Duration {
+	if d == nil {
+		return def
+	}
+	return *d
 }
 
 func (cfg Config) trustedProxies() ([]netip.Prefix, error) {
@@ -142,12 +329,17 @@ type keyDigest [sha256.Size]byte
 func (cfg Config) apiKeys() map[keyDigest]interceptor.Identity {
 	keys := make(map[keyDigest]interceptor.Identity, len(cfg.APIKeys))
 	for key, owner := range cfg.APIKeys {
-		digest := keyDigest(sha256.Sum256([]byte(key)))
-		name := owner.Name
-		if name == "" {
-			name = "sha256:" + hex.EncodeToString(digest[:6])
-		}
-		keys[digest] = interceptor.Identity{APIKey: name, User: owner.User, Tier: owner.Tier}
+		keys[keyDigest(sha256.Sum256([]byte(key)))] = interceptor.Identity{APIKey: keyName(key, owner), User: owner.User, Tier: owner.Tier}
 	}
 	return keys
+}
+
+// keyName is how a key shows in subjects: its name, or a prefix of its
+// SHA-256, never the secret.
+func keyName(key string, owner APIKey) string {
+	if owner.Name != "" {
+		return owner.Name
+	}
+	digest := sha256.Sum256([]byte(key))
+	return "sha256:" + hex.EncodeToString(digest[:6])
 }

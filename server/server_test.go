@@ -41,11 +41,24 @@ func TestParseConfigErrors(t *testing.T) {
 		{"bucket error from costmap", "buckets:\n  search: { capacity: -2, refill_per_second: 1 }\n", "buckets.search.capacity"},
 		{"unknown top-level field", buckets + "api_key: {}\n", "api_key"},
 		{"unknown api key field", buckets + "api_keys:\n  k: { usr: a }\n", "usr"},
-		{"bad policy", buckets + "failure_policy: maybe\n", `failure_policy must be open or closed, got "maybe"`},
+		{"bad policy", buckets + "failure_policy: maybe\n", `failure_policy must be local, open or closed, got "maybe"`},
 		{"negative timeout", buckets + "store_timeout: -1s\n", "store_timeout"},
+		{"timeout under 1ms", buckets + "store_timeout: 1ns\n", "store_timeout must be from 1ms to 1m0s, got 1ns"},
 		{"bad timeout", buckets + "store_timeout: soon\n", "soon"},
 		{"bad proxy", buckets + "trusted_proxies: [10.0.0.0/33]\n", `trusted_proxies[0]`},
 		{"key with space", buckets + "api_keys:\n  \"bad key\": { user: a }\n", "api_keys"},
+		{"duplicate key names", buckets + "api_keys:\n  k1: { user: a, name: shared }\n  k2: { user: b, name: shared }\n", `have the name "shared"`},
+		{"local share over 1", buckets + "local_share: 2\n", "local_share must be greater than 0 and at most 1, got 2"},
+		{"lease under a second", buckets + "concurrency:\n  c: { limit: 1, lease: 1ms }\n", "concurrency.c.lease must be at least 1s, got 1ms"},
+		{"lease under 10 store timeouts", buckets + "store_timeout: 500ms\nconcurrency:\n  c: { limit: 1, lease: 2s }\n", "concurrency.c.lease is 2s, but must be at least 10 × store_timeout (5s)"},
+		{"default lease under 10 store timeouts", buckets + "store_timeout: 5s\nconcurrency:\n  c: { limit: 1 }\n", "concurrency.c.lease is the default 30s"},
+		{"tier lease under 10 store timeouts", buckets + "store_timeout: 1s\nconcurrency:\n  c: { limit: 1, lease: 1m }\ntiers:\n  pro: { concurrency: { c: { lease: 5s } } }\n", "tiers.pro.concurrency.c.lease is 5s"},
+		{"capacity past 1e15", "buckets:\n  search: { capacity: 1e20, refill_per_second: 1 }\n", "buckets.search.capacity must be greater than 0 and at most 1e+15, got 1e+20"},
+		{"second document", buckets + "---\nbuckets: {}\n", "second YAML document"},
+		{"reserved bucket name", "buckets:\n  connectlimit.auth_failures: { capacity: 2, refill_per_second: 1 }\n", "keeps for its own buckets"},
+		{"bad auth failure limit", buckets + "auth_failures: { capacity: 0, period: 1m }\n", "auth_failures.capacity"},
+		{"negative max message bytes", buckets + "max_message_bytes: -1\n", "max_message_bytes"},
+		{"negative read timeout", buckets + "read_timeout: -1s\n", "read_timeout"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
@@ -71,7 +84,7 @@ func serve(t *testing.T, srv *server.Server) string {
 	srv.Handle(proc, connect.NewUnaryHandler(proc,
 		func(_ context.Context, r *connect.Request[wrapperspb.StringValue]) (*connect.Response[wrapperspb.StringValue], error) {
 			return connect.NewResponse(r.Msg), nil
-		}, connect.WithSchema(svc.Methods().Get(0)), connect.WithInterceptors(srv.Interceptor())))
+		}, connect.WithSchema(svc.Methods().Get(0)), srv.HandlerOptions()))
 	var lc net.ListenConfig
 	ln, err := lc.Listen(t.Context(), "tcp", "127.0.0.1:0")
 	if err != nil {

@@ -434,7 +434,7 @@ func testInvalidRequests(t *testing.T, newStore NewStore) {
 		{"infinite capacity", bucket.Request{Subject: "a", Charges: []bucket.Charge{charge("b", math.Inf(1), 1, 1)}}, "capacity"},
 		{"negative cost", bucket.Request{Subject: "a", Charges: []bucket.Charge{charge("b", 1, 1, -1)}}, "cost"},
 		{"NaN cost", bucket.Request{Subject: "a", Charges: []bucket.Charge{charge("b", 1, 1, math.NaN())}}, "cost"},
-		{"infinite adjust", bucket.Request{Subject: "a", Mode: bucket.ModeAdjust, Charges: []bucket.Charge{charge("b", 1, 1, math.Inf(-1))}}, "cost"},
+		{"infinite adjust", bucket.Request{Subject: "a", Mode: bucket.ModeAdjust, Charges: []bucket.Charge{charge("b", 1, 1, math.Inf(-1))}}, "adjustment"},
 		{"unknown mode", bucket.Request{Subject: "a", Mode: 7, Charges: []bucket.Charge{valid}}, "mode"},
 		{"long id", bucket.Request{Subject: "a", ID: strings.Repeat("i", bucket.MaxIDBytes+1), Charges: []bucket.Charge{valid}}, "id is 129 bytes"},
 		{"capacity over MaxTokens", bucket.Request{Subject: "a", Charges: []bucket.Charge{charge("b", 1e20, 1, 1)}}, "capacity"},

@@ -241,6 +241,7 @@ func testLeasesAndBuckets(t *testing.T, newStore NewLeaseStore) {
 	if !ok {
 		t.Skip("the lease store is not a bucket.Store")
 	}
+	skipInProcess(t, buckets)
 	// A lease, a bucket and a request ID all named "gen" for one subject
 	// live side by side.
 	lease := bucket.LeaseRequest{Subject: "alice", Name: "gen", Limit: 1, ID: "gen", TTL: time.Minute}

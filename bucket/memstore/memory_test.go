@@ -2,6 +2,9 @@ package memstore
 
 import (
 	"fmt"
+	"math"
+	"math/rand/v2"
+	"reflect"
 	"testing"
 	"time"
 	"unsafe"
@@ -15,21 +18,66 @@ type fakeClock struct{ now time.Time }
 
 func (c *fakeClock) Now() time.Time { return c.now }
 
-// held counts what the Store keeps in memory besides buckets: recorded IDs
-// (map entries and queued records) and lease sets with their leases.
-func (s *Store) held() (ids, queued, leaseSets, leases int) {
+// held counts the lease sets the Store keeps and the leases in them.
+func (s *Store) held() (leaseSets, leases int) {
 	for i := range s.shards {
 		sh := &s.shards[i]
 		sh.mu.Lock()
-		ids += len(sh.ids)
-		queued += len(sh.idQueue)
 		leaseSets += len(sh.leases)
 		for _, set := range sh.leases {
 			leases += len(set)
 		}
 		sh.mu.Unlock()
 	}
-	return ids, queued, leaseSets, leases
+	return leaseSets, leases
+}
+
+// checkShards fails t unless every shard's entries, index and heap agree:
+// each bucket is in all three exactly once and found by its key, every
+// entry knows its heap position, no parent will be full later than its
+// children, the index is at most 3/4 full, and no shard is over its bound.
+func checkShards(t *testing.T, s *Store) {
+	t.Helper()
+	for i := range s.shards {
+		sh := &s.shards[i]
+		sh.mu.Lock()
+		n := len(sh.entries)
+		indexed := 0
+		for _, is := range sh.index {
+			if is.slot != 0 {
+				indexed++
+				if int(is.slot) > n || sh.entries[is.slot-1].hash != is.hash {
+					sh.mu.Unlock()
+					t.Fatalf("shard %d: index slot %+v names no entry with its hash", i, is)
+				}
+			}
+		}
+		if len(sh.heap) != n || indexed != n || n > s.perShard {
+			sh.mu.Unlock()
+			t.Fatalf("shard %d: %d entries, %d in the heap, %d in the index, bound %d", i, n, len(sh.heap), indexed, s.perShard)
+		}
+		if size := len(sh.index); size&(size-1) != 0 || 4*n > 3*size {
+			sh.mu.Unlock()
+			t.Fatalf("shard %d: index of %d positions holds %d entries", i, size, n)
+		}
+		for slot, e := range sh.entries {
+			if got := sh.find(e.hash, e.key); int(got) != slot {
+				sh.mu.Unlock()
+				t.Fatalf("shard %d: find(%v) = %d, want slot %d", i, e.key, got, slot)
+			}
+			if int(e.pos) >= n || int(sh.heap[e.pos]) != slot {
+				sh.mu.Unlock()
+				t.Fatalf("shard %d: entry %v in slot %d has heap position %d, which holds another", i, e.key, slot, e.pos)
+			}
+		}
+		for pos := 1; pos < n; pos++ {
+			if parent := (pos - 1) / 2; sh.fullAt(parent) > sh.fullAt(pos) {
+				sh.mu.Unlock()
+				t.Fatalf("shard %d: heap position %d is full at %d, after its child %d at %d", i, parent, sh.fullAt(parent), pos, sh.fullAt(pos))
+			}
+		}
+		sh.mu.Unlock()
+	}
 }
 
 func TestShardSize(t *testing.T) {
@@ -39,98 +87,191 @@ func TestShardSize(t *testing.T) {
 	}
 }
 
-func TestIDsAreForgotten(t *testing.T) {
+func TestEntrySize(t *testing.T) {
+	t.Parallel()
+	// An entry is one cache line on 64-bit platforms; growing it costs
+	// every bucket.
+	if size := unsafe.Sizeof(entry{}); unsafe.Sizeof(uintptr(0)) == 8 && size > 64 {
+		t.Fatalf("an entry is %d bytes, want at most 64", size)
+	}
+}
+
+func TestPerShard(t *testing.T) {
 	t.Parallel()
 	for _, tc := range []struct {
-		name  string
-		sweep bool
+		n    int
+		want int
 	}{
-		// Without a sweep, the next ID recorded in a shard drops the
-		// expired ones.
-		{name: "on write"},
-		{name: "by sweep", sweep: true},
+		{n: -1, want: 1},
+		{n: 0, want: 1},
+		{n: 1, want: 1},
+		{n: 63, want: 1},
+		{n: 64, want: 1},
+		{n: 65, want: 2},
+		{n: 128, want: 2},
+		{n: 1000, want: 16},
+		{n: DefaultMaxBuckets, want: DefaultMaxBuckets / 64},
+		{n: math.MaxInt, want: maxPerShard},
+	} {
+		if got := perShard(tc.n); got != tc.want {
+			t.Errorf("perShard(%d) = %d, want %d", tc.n, got, tc.want)
+		}
+	}
+}
+
+// refLevel is a bucket of the reference model: the old, unbounded store.
+type refLevel struct {
+	tokens float64
+	at     time.Time
+}
+
+// TestMatchesReference drives a Store and a plain map of levels with the
+// same random requests, and checks that they decide alike (the map forgets
+// what the Store evicted) and that the shards stay consistent throughout.
+func TestMatchesReference(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name     string
+		max      int
+		subjects int
+		// maxAdvance is the most the clock moves at once, every tenth
+		// step or so.
+		maxAdvance time.Duration
+		wantEvict  bool
+	}{
+		{name: "unbounded", max: 1 << 20, subjects: 200, maxAdvance: 3 * time.Second},
+		{name: "tight bound", max: 64 * 3, subjects: 400, maxAdvance: 3 * time.Second, wantEvict: true},
+		{name: "larger shards", max: 64 * 12, subjects: 5000, maxAdvance: 10 * time.Millisecond, wantEvict: true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
+			rng := rand.New(rand.NewPCG(1, uint64(tc.max)))
 			clock := &fakeClock{now: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}
-			s := New(WithClock(clock.Now), WithSweepInterval(0))
+			s := New(WithClock(clock.Now), WithSweepInterval(0), WithMaxBuckets(tc.max))
 			t.Cleanup(func() { _ = s.Close() })
-			adjust := func(subject, id string) bucket.Decision {
-				t.Helper()
-				d, err := s.Take(t.Context(), bucket.Request{Subject: subject, Mode: bucket.ModeAdjust, ID: id, Charges: []bucket.Charge{{Bucket: "b", Limit: bucket.Limit{Capacity: 1e9, RefillPerSecond: 1}, Cost: 1}}})
+			// refs holds the reference's levels by shard, so that each step
+			// checks for evictions in the one shard it changed.
+			refs := map[*shard]map[key]refLevel{}
+			names := []string{"a", "b", "c", "d"}
+			for step := range 20000 {
+				switch r := rng.IntN(100); {
+				case r < 10:
+					clock.now = clock.now.Add(time.Duration(rng.Int64N(int64(tc.maxAdvance))))
+				case r < 12:
+					s.Sweep()
+				}
+				subject := fmt.Sprint("user:", rng.IntN(tc.subjects))
+				subjectHash := s.subjectHash(subject)
+				ref := refs[s.shard(subjectHash)]
+				if ref == nil {
+					ref = map[key]refLevel{}
+					refs[s.shard(subjectHash)] = ref
+				}
+				req := bucket.Request{Subject: subject}
+				if rng.IntN(4) == 0 {
+					req.Mode = bucket.ModeAdjust
+				}
+				for _, i := range rng.Perm(len(names))[:1+rng.IntN(len(names))] {
+					lim := bucket.Limit{Capacity: float64(1 + i*3), RefillPerSecond: float64(1 + i)}
+					cost := float64(rng.IntN(int(lim.Capacity) + 1))
+					if req.Mode == bucket.ModeAdjust && rng.IntN(2) == 0 {
+						cost = -cost
+					}
+					req.Charges = append(req.Charges, bucket.Charge{Bucket: names[i], Limit: lim, Cost: cost})
+				}
+				got, err := s.Take(t.Context(), req)
 				if err != nil {
 					t.Fatal(err)
 				}
-				return d
-			}
-			// Enough subjects to put IDs in every shard, one repeated.
-			const subjects = 1000
-			for i := range subjects {
-				adjust(fmt.Sprint("user:", i), "settle")
-			}
-			if d := adjust("user:0", "settle"); !d.Duplicate {
-				t.Fatalf("repeat: %+v, want a duplicate", d)
-			}
-			if ids, queued, _, _ := s.held(); ids != subjects || queued != subjects {
-				t.Fatalf("holding %d IDs and %d queued records, want %d of each", ids, queued, subjects)
-			}
-			clock.now = clock.now.Add(bucket.DefaultIDWindow)
-			if tc.sweep {
-				s.Sweep()
-			} else {
-				// One new ID per subject visits every shard.
-				for i := range subjects {
-					adjust(fmt.Sprint("user:", i), "next")
+				tokens := make([]float64, len(req.Charges))
+				for i, c := range req.Charges {
+					tokens[i] = c.Limit.Capacity
+					if lv, ok := ref[key{subject, c.Bucket}]; ok {
+						tokens[i] = c.Limit.Refill(lv.tokens, clock.now.Sub(lv.at))
+					}
+				}
+				want := bucket.Decide(req, tokens)
+				if !reflect.DeepEqual(got, want) {
+					t.Fatalf("step %d: %+v\ngot  %+v\nwant %+v", step, req, got, want)
+				}
+				// The reference follows the Store's decision, so that after
+				// an eviction the two compare again from the same levels.
+				if got.Allowed {
+					for i, c := range req.Charges {
+						k := key{subject, c.Bucket}
+						if b := got.Buckets[i]; b.Remaining < c.Limit.Capacity {
+							ref[k] = refLevel{tokens: b.Remaining, at: clock.now}
+						} else {
+							delete(ref, k)
+						}
+					}
+				}
+				if tc.wantEvict {
+					// Forget in the reference what the Store evicted, and
+					// the full buckets it dropped to make room.
+					for k := range ref {
+						h := s.subjectHash(k.subject)
+						if s.shard(h).find(s.bucketHash(h, k.name), k) < 0 {
+							delete(ref, k)
+						}
+					}
+				}
+				if step%499 == 0 {
+					checkShards(t, s)
 				}
 			}
-			want := 0
-			if !tc.sweep {
-				want = subjects
-			}
-			if ids, queued, _, _ := s.held(); ids != want || queued != want {
-				t.Fatalf("after the window: holding %d IDs and %d queued records, want %d of each", ids, queued, want)
+			checkShards(t, s)
+			if evicted := s.Evictions() > 0; evicted != tc.wantEvict {
+				t.Fatalf("Evictions() = %d, want evictions: %v", s.Evictions(), tc.wantEvict)
 			}
 		})
 	}
 }
 
-func TestIDsSurviveAClockStepBack(t *testing.T) {
+func TestCompactAfterFlood(t *testing.T) {
 	t.Parallel()
-	// A clock that steps back queues an ID behind one that expires later.
-	// Dropping the older record of an ID recorded again must not forget
-	// the newer one.
-	const w = bucket.DefaultIDWindow
 	clock := &fakeClock{now: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}
 	s := New(WithClock(clock.Now), WithSweepInterval(0))
 	t.Cleanup(func() { _ = s.Close() })
-	for i, tc := range []struct {
-		advance       time.Duration
-		id            string
-		wantDuplicate bool
-		wantIDs       int
-		wantQueued    int
-	}{
-		{advance: w / 2, id: "z", wantIDs: 1, wantQueued: 1},
-		{advance: -w / 2, id: "x", wantIDs: 2, wantQueued: 2},
-		// x expired and is recorded again; z, ahead of it, has not.
-		{advance: w, id: "x", wantIDs: 2, wantQueued: 3},
-		// z and x's first record are dropped; x's second is kept.
-		{advance: w / 2, id: "y", wantIDs: 2, wantQueued: 2},
-		{id: "x", wantDuplicate: true, wantIDs: 2, wantQueued: 2},
-		{advance: w / 2, id: "x", wantIDs: 2, wantQueued: 2},
-	} {
-		clock.now = clock.now.Add(tc.advance)
-		// Every request has the same subject, so the same shard.
-		req := bucket.Request{Subject: "alice", Mode: bucket.ModeAdjust, ID: tc.id, Charges: []bucket.Charge{{Bucket: "b", Limit: bucket.Limit{Capacity: 100, RefillPerSecond: 1e-9}, Cost: 1}}}
+	take := func(subject string, cost float64) {
+		t.Helper()
+		req := bucket.Request{Subject: subject, Charges: []bucket.Charge{{Bucket: "b", Limit: bucket.Limit{Capacity: 100, RefillPerSecond: 1}, Cost: cost}}}
+		if _, err := s.Take(t.Context(), req); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// A flood of short-lived buckets, and a few long-lived ones.
+	const flood = 64 * 1000
+	for i := range flood {
+		take(fmt.Sprint("flood:", i), 1)
+	}
+	for i := range 100 {
+		take(fmt.Sprint("keep:", i), 100)
+	}
+	clock.now = clock.now.Add(time.Second)
+	s.Sweep()
+	checkShards(t, s)
+	if got := s.Len(); got != 100 {
+		t.Fatalf("Len = %d after the flood refilled, want 100", got)
+	}
+	for i := range s.shards {
+		sh := &s.shards[i]
+		if c := cap(sh.entries); c > 2*len(sh.entries) {
+			t.Fatalf("shard %d keeps room for %d entries after a sweep left %d", i, c, len(sh.entries))
+		}
+	}
+	// The rebuilt shards still hold the long-lived buckets.
+	for i := range 100 {
+		req := bucket.Request{Subject: fmt.Sprint("keep:", i), Charges: []bucket.Charge{{Bucket: "b", Limit: bucket.Limit{Capacity: 100, RefillPerSecond: 1}, Cost: 0}}}
 		d, err := s.Take(t.Context(), req)
 		if err != nil {
 			t.Fatal(err)
 		}
-		ids, queued, _, _ := s.held()
-		if d.Duplicate != tc.wantDuplicate || ids != tc.wantIDs || queued != tc.wantQueued {
-			t.Fatalf("step %d (%s): Duplicate %v, %d IDs, %d queued; want %v, %d, %d", i, tc.id, d.Duplicate, ids, queued, tc.wantDuplicate, tc.wantIDs, tc.wantQueued)
+		if got := d.Buckets[0].Remaining; got != 1 {
+			t.Fatalf("keep:%d holds %v after the rebuild, want 1", i, got)
 		}
 	}
+	checkShards(t, s)
 }
 
 func TestEmptyLeaseSetsHoldNoMemory(t *testing.T) {
@@ -147,7 +288,7 @@ func TestEmptyLeaseSetsHoldNoMemory(t *testing.T) {
 	}
 	check := func(what string, wantSets, wantLeases int) {
 		t.Helper()
-		if _, _, sets, leases := s.held(); sets != wantSets || leases != wantLeases {
+		if sets, leases := s.held(); sets != wantSets || leases != wantLeases {
 			t.Fatalf("%s: %d lease sets holding %d leases, want %d and %d", what, sets, leases, wantSets, wantLeases)
 		}
 	}

@@ -5,10 +5,32 @@
 // calls from different callers rarely contend, and all buckets of one
 // request sit in one shard and are decided under one lock. A bucket that has
 // refilled to full is deleted, on its next access or by a periodic sweep, so
-// idle callers cost no memory. The IDs of idempotent requests and the
-// concurrency leases of a subject live in the same shard: an ID is forgotten
-// [bucket.DefaultIDWindow] after it was recorded, and an expired lease
-// is deleted on the next access to its subject and name or by the sweep.
+// idle callers cost no memory. The concurrency leases of a subject live in
+// the same shard; an expired lease is deleted on the next access to its
+// subject and name or by the sweep.
+//
+// # Bounded memory
+//
+// A Store holds at most [WithMaxBuckets] buckets ([DefaultMaxBuckets]
+// unless set), split evenly across its shards, so that a flood of new
+// subjects (a scan, spoofed addresses, random API keys) cannot grow it
+// without end. When a charge would add a bucket to a shard that is at its
+// bound, the Store evicts the bucket of that shard that will be full
+// soonest. Evicting a bucket is forgetting it, which is treating it as full,
+// so an eviction is the only way a Store over-admits: it lets the evicted
+// bucket's subject take at most capacity − level tokens more than it
+// should, and the evicted bucket is always the one in its shard nearest to
+// full, so a flood of new subjects evicts the buckets that matter least.
+// A subject that has just spent heavily is the last to be forgotten.
+// [Store.Evictions] counts evictions: one that keeps rising means the bound
+// is too small for the traffic.
+//
+// # Request IDs
+//
+// A Store implements [bucket.InProcess]: its state lives in this process, so
+// it never loses a reply and nothing it applied is ever resent. It therefore
+// does not remember [bucket.Request.ID]s: a request is applied each time it
+// is sent, and its decision never reports Duplicate.
 //
 // A Store limits one process. Several processes behind a load balancer each
 // enforce the full limit; use Redis to share buckets and leases between
@@ -17,7 +39,10 @@ package memstore
 
 import (
 	"context"
+	"fmt"
 	"hash/maphash"
+	"math"
+	"math/bits"
 	"sync"
 	"time"
 	"unsafe"
@@ -29,6 +54,17 @@ import (
 // refilled to full, unless set with [WithSweepInterval].
 const DefaultSweepInterval = time.Minute
 
+// DefaultMaxBuckets is how many buckets a Store holds at most unless set
+// with [WithMaxBuckets]: 1<<20, about a million. Measured on amd64 with Go
+// 1.26, a bucket costs 84 to 100 bytes of heap (its 64-byte record, its
+// place in the index and in the eviction heap, and the arrays' spare room)
+// besides the strings of its subject and bucket name, which it shares with
+// the request that created it; BenchmarkMemoryPerBucket measures 96 bytes
+// at 100k buckets. A Store full at the default bound holds 84 MiB plus the
+// distinct subject strings. Buckets live only until they have refilled, so
+// a Store reaches its bound only under a flood of subjects.
+const DefaultMaxBuckets = 1 << 20
+
 // shardCount is a power of two well above the core counts we run on, so two
 // busy callers rarely share a lock.
 const shardCount = 64
@@ -36,54 +72,76 @@ const shardCount = 64
 var (
 	_ bucket.Store      = (*Store)(nil)
 	_ bucket.LeaseStore = (*Store)(nil)
+	_ bucket.InProcess  = (*Store)(nil)
 )
 
 // Store is an in-memory [bucket.Store] and [bucket.LeaseStore]. Create one
 // with [New] and release it with [Store.Close]. It is safe for concurrent
 // use.
 type Store struct {
-	now    func() time.Time
-	sweep  time.Duration
-	seed   maphash.Seed
-	shards [shardCount]shard
-	stop   chan struct{}
-	wg     sync.WaitGroup
-	closed sync.Once
+	now func() time.Time
+	// epoch is the instant the Store was made. Instants are kept as
+	// nanoseconds since epoch, which is smaller than a time.Time and, with
+	// a real clock, still measured on the monotonic clock.
+	epoch    time.Time
+	sweep    time.Duration
+	perShard int
+	seed     maphash.Seed
+	shards   [shardCount]shard
+	stop     chan struct{}
+	wg       sync.WaitGroup
+	closed   sync.Once
 }
 
-// key names a bucket, a recorded request ID or a lease set within the map
-// that holds it: a subject and a bucket name, an ID or a lease name.
+// key names a bucket or a lease set: a subject and a bucket or lease name.
 type key struct {
 	subject, name string
 }
 
-type level struct {
+// entry is one bucket: its level at an instant, and when it will be full.
+// It is 64 bytes on 64-bit platforms.
+type entry struct {
+	key    key
 	tokens float64
-	at     time.Time
-	// fullAt is when the bucket will have refilled to capacity, so the
-	// sweep can drop it without redoing the refill arithmetic.
-	fullAt time.Time
+	// at and fullAt are nanoseconds since the Store's epoch. fullAt is
+	// when the bucket will have refilled to capacity, so that the heap can
+	// order buckets and the sweep drop them without redoing the refill
+	// arithmetic.
+	at, fullAt int64
+	// pos is the entry's index in its shard's heap.
+	pos int32
+	// hash is the key's hash (see [Store.bucketHash]), kept so that the
+	// index can be rebuilt and searched without hashing again.
+	hash uint32
 }
 
-// idRecord is one applied request ID, in the order IDs were recorded.
-type idRecord struct {
-	key     key
-	expires time.Time
+// indexSlot is one slot of a shard's index: the hash of a bucket's key and
+// its slot in entries plus one, so that the zero indexSlot is empty.
+type indexSlot struct {
+	hash uint32
+	slot int32
 }
 
 type shardState struct {
-	mu      sync.Mutex
-	buckets map[key]level
-	// ids maps the (subject, ID) of every applied idempotent request to
-	// when it expires. idQueue holds the same records oldest first, so
-	// that each new record can drop the expired ones without a scan: with
-	// a fixed window, expiries are recorded in increasing order (unless
-	// the clock steps back, which only delays a drop).
-	ids     map[key]time.Time
-	idQueue []idRecord
+	mu sync.Mutex
+	// entries holds the shard's buckets densely, in no order. index is an
+	// open-addressing hash table (linear probing, at most 3/4 full, its
+	// length a power of two) from each bucket's key to its slot in
+	// entries; it stores no key, so a bucket's strings are held once. heap
+	// holds every slot once, as a binary min-heap ordered by fullAt, so
+	// that the bucket nearest to full is heap[0]. A Go map keyed by
+	// subject and name measured about 50 bytes more per bucket.
+	entries []entry
+	index   []indexSlot
+	heap    []int32
+	// peak is the most buckets the shard has held since its storage was
+	// last rebuilt; the sweep rebuilds a shard that has shrunk well below
+	// it.
+	peak      int
+	evictions uint64
 	// leases maps (subject, lease name) to the live leases' IDs and expiry
 	// instants. An empty set is deleted.
-	leases map[key]map[string]time.Time
+	leases map[key]map[string]int64
 }
 
 type shard struct {
@@ -106,38 +164,64 @@ type optionFunc func(*Store)
 func (f optionFunc) apply(s *Store) { f(s) }
 
 // WithClock sets the function the Store reads the present from. The default
-// is [time.Now]. Tests pass a fake clock to see refill without sleeping.
+// is [time.Now]. Tests pass a fake clock to see refill without sleeping. The
+// function must be safe for concurrent use.
 func WithClock(now func() time.Time) Option {
 	return optionFunc(func(s *Store) { s.now = now })
 }
 
 // WithSweepInterval sets how often the Store deletes buckets that have
-// refilled to full, request IDs older than [bucket.DefaultIDWindow] and
-// expired leases. The default is [DefaultSweepInterval]. Zero or a negative
-// interval disables the sweep: full buckets and expired leases are then
-// deleted only when their subject's buckets or lease name are next touched,
-// and expired IDs whenever a request with an ID is applied in their shard.
+// refilled to full and expired leases. The default is
+// [DefaultSweepInterval]. Zero or a negative interval disables the sweep:
+// full buckets and expired leases are then deleted only when their
+// subject's buckets or lease name are next charged, and full buckets also
+// when their shard reaches its bound.
 func WithSweepInterval(d time.Duration) Option {
 	return optionFunc(func(s *Store) { s.sweep = d })
 }
+
+// WithMaxBuckets bounds how many buckets the Store holds; the default is
+// [DefaultMaxBuckets]. The bound is split evenly across the Store's 64
+// shards, each holding at most ⌈n/64⌉ buckets, so [Store.Len] never exceeds
+// n rounded up to a multiple of 64. An n below 64, including zero and
+// negative values, is raised to 64: one bucket per shard. There is no
+// unbounded setting. See the package documentation for what an eviction
+// costs.
+func WithMaxBuckets(n int) Option {
+	return optionFunc(func(s *Store) { s.perShard = perShard(n) })
+}
+
+// perShard is the bound of each shard for a Store bound to n buckets:
+// ⌈n/shardCount⌉, at least 1 and at most maxPerShard.
+func perShard(n int) int {
+	if n < shardCount {
+		return 1
+	}
+	return int(min(uint64(n-1)/shardCount+1, maxPerShard))
+}
+
+// maxPerShard keeps a shard's slots within an int32 and its index's
+// positions within a uint32; 64 shards of it are far more buckets than
+// any machine's memory holds.
+const maxPerShard = 1 << 28
 
 // New returns an empty Store. Unless disabled with [WithSweepInterval], it
 // runs one background goroutine that [Store.Close] stops.
 func New(opts ...Option) *Store {
 	s := &Store{
-		now:   time.Now,
-		sweep: DefaultSweepInterval,
-		seed:  maphash.MakeSeed(),
-		stop:  make(chan struct{}),
+		now:      time.Now,
+		sweep:    DefaultSweepInterval,
+		perShard: perShard(DefaultMaxBuckets),
+		seed:     maphash.MakeSeed(),
+		stop:     make(chan struct{}),
 	}
 	for _, o := range opts {
 		o.apply(s)
 	}
+	s.epoch = s.now()
 	for i := range s.shards {
 		sh := &s.shards[i]
-		sh.buckets = make(map[key]level)
-		sh.ids = make(map[key]time.Time)
-		sh.leases = make(map[key]map[string]time.Time)
+		sh.leases = make(map[key]map[string]int64)
 	}
 	if s.sweep > 0 {
 		s.wg.Add(1)
@@ -146,111 +230,360 @@ func New(opts ...Option) *Store {
 	return s
 }
 
-func (s *Store) shard(subject string) *shard {
-	return &s.shards[maphash.String(s.seed, subject)%shardCount]
+// InProcess implements [bucket.InProcess]: it returns true.
+func (s *Store) InProcess() bool { return true }
+
+// subjectHash hashes a subject. Its low bits choose the subject's shard.
+func (s *Store) subjectHash(subject string) uint64 {
+	return maphash.String(s.seed, subject)
 }
 
-// Take implements [bucket.Store]. It fails only for a malformed request or
-// a done context.
+func (s *Store) shard(subjectHash uint64) *shard {
+	return &s.shards[subjectHash%shardCount]
+}
+
+// bucketHash hashes the key of subject's bucket name, given the subject's
+// hash. The multiplication spreads every bit of both hashes into the high
+// half, which it returns, since within one shard the subject hashes share
+// their low bits. The seed is random, so callers cannot choose keys that
+// collide.
+func (s *Store) bucketHash(subjectHash uint64, name string) uint32 {
+	hi, _ := bits.Mul64(subjectHash^maphash.String(s.seed, name), 0x9e3779b97f4a7c15)
+	return uint32(hi)
+}
+
+// instant returns the present as nanoseconds since the Store's epoch.
+func (s *Store) instant() int64 {
+	return int64(s.now().Sub(s.epoch))
+}
+
+// notApplied is the error of a call whose context was done before it
+// started: it changed nothing.
+func notApplied(err error) error {
+	return fmt.Errorf("memstore: %w: %w", bucket.ErrNotApplied, err)
+}
+
+// Take implements [bucket.Store]. It fails only for a malformed request
+// (wrapping [bucket.ErrInvalidRequest]) or a context already done (wrapping
+// [bucket.ErrNotApplied] and the context's error), and in both cases
+// changes nothing. It ignores req.ID and req.IDWindow: a Store never loses a
+// reply (see [bucket.InProcess]), so nothing it applied is ever resent, and
+// it applies every request it is sent.
+//
+// Adding a bucket to a shard at its bound evicts the shard's bucket nearest
+// to full (see [WithMaxBuckets]); that may be one of req's own buckets.
 func (s *Store) Take(ctx context.Context, req bucket.Request) (bucket.Decision, error) {
 	if err := ctx.Err(); err != nil {
-		return bucket.Decision{}, err
+		return bucket.Decision{}, notApplied(err)
 	}
 	if err := req.Validate(); err != nil {
 		return bucket.Decision{}, err
 	}
-	var stack [4]float64
-	tokens := stack[:0]
-	sh := s.shard(req.Subject)
+	n := len(req.Charges)
+	var levels [bucket.MaxCharges]float64
+	var slots [bucket.MaxCharges]int32
+	var hashes [bucket.MaxCharges]uint32
+	subjectHash := s.subjectHash(req.Subject)
+	for i, c := range req.Charges {
+		hashes[i] = s.bucketHash(subjectHash, c.Bucket)
+	}
+	sh := s.shard(subjectHash)
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
-	now := s.now()
-	for _, c := range req.Charges {
-		t := c.Limit.Capacity
-		if lv, ok := sh.buckets[key{req.Subject, c.Bucket}]; ok {
-			t = c.Limit.Refill(lv.tokens, now.Sub(lv.at))
-		}
-		tokens = append(tokens, t)
-	}
-	idKey := key{req.Subject, req.ID}
-	if req.ID != "" {
-		if expires, ok := sh.ids[idKey]; ok && now.Before(expires) {
-			return bucket.DecideDuplicate(req, tokens), nil
+	now := s.instant()
+	for i, c := range req.Charges {
+		slot := sh.find(hashes[i], key{req.Subject, c.Bucket})
+		slots[i], levels[i] = slot, c.Limit.Capacity
+		if slot >= 0 {
+			e := &sh.entries[slot]
+			levels[i] = c.Limit.Refill(e.tokens, time.Duration(now-e.at))
 		}
 	}
-	d := bucket.Decide(req, tokens)
+	d := bucket.Decide(req, levels[:n])
 	if !d.Allowed {
 		return d, nil
 	}
-	if req.ID != "" {
-		sh.recordID(idKey, now)
-	}
+	// Removing a bucket moves another into its slot, so once one is
+	// removed the slots looked up above may be stale.
+	stale := false
 	for i, c := range req.Charges {
 		k, b := key{req.Subject, c.Bucket}, d.Buckets[i]
-		if b.Remaining >= c.Limit.Capacity {
-			delete(sh.buckets, k)
-			continue
+		slot := slots[i]
+		if stale && slot >= 0 {
+			// -1 if it was evicted for an earlier charge of req.
+			slot = sh.find(hashes[i], k)
 		}
-		sh.buckets[k] = level{tokens: b.Remaining, at: now, fullAt: now.Add(b.ResetAfter)}
+		full := b.Remaining >= c.Limit.Capacity
+		fullAt := addSaturating(now, b.ResetAfter)
+		switch {
+		case slot >= 0 && full:
+			sh.remove(slot)
+			stale = true
+		case slot >= 0:
+			e := &sh.entries[slot]
+			e.tokens, e.at, e.fullAt = b.Remaining, now, fullAt
+			sh.fix(int(e.pos))
+		case full:
+			// A full bucket is not stored.
+		default:
+			if len(sh.entries) >= s.perShard {
+				sh.evict(now)
+				stale = true
+			}
+			sh.insert(entry{key: k, tokens: b.Remaining, at: now, fullAt: fullAt, hash: hashes[i]}, s.perShard)
+		}
 	}
 	return d, nil
 }
 
-// recordID remembers an applied request's ID until
-// [bucket.DefaultIDWindow] from now, and forgets the IDs that have
-// expired. The caller holds sh.mu.
-func (sh *shard) recordID(k key, now time.Time) {
-	sh.pruneIDs(now)
-	expires := now.Add(bucket.DefaultIDWindow)
-	sh.ids[k] = expires
-	sh.idQueue = append(sh.idQueue, idRecord{key: k, expires: expires})
+// addSaturating returns at+d for d >= 0, capped at the largest instant.
+func addSaturating(at int64, d time.Duration) int64 {
+	if at > math.MaxInt64-int64(d) {
+		return math.MaxInt64
+	}
+	return at + int64(d)
 }
 
-// pruneIDs forgets the recorded IDs that have expired by now, oldest first.
-// A record whose ID was recorded again later is dropped from the queue
-// only. The caller holds sh.mu.
-func (sh *shard) pruneIDs(now time.Time) {
-	for len(sh.idQueue) > 0 && !now.Before(sh.idQueue[0].expires) {
-		r := sh.idQueue[0]
-		if exp, ok := sh.ids[r.key]; ok && exp.Equal(r.expires) {
-			delete(sh.ids, r.key)
+// insert adds a bucket that is not in the shard, which holds at most bound.
+// The caller holds sh.mu and has made room.
+func (sh *shard) insert(e entry, bound int) {
+	slot := int32(len(sh.entries))
+	e.pos = int32(len(sh.heap))
+	sh.entries = appendBounded(sh.entries, e, bound)
+	sh.heap = appendBounded(sh.heap, slot, bound)
+	sh.indexAdd(e.hash, slot)
+	sh.up(int(e.pos))
+	sh.peak = max(sh.peak, len(sh.entries))
+}
+
+// appendBounded appends v to s, growing s by a quarter when it is full, but
+// never beyond room for bound elements unless it holds more already: the
+// arrays of a shard at its bound have no spare room.
+func appendBounded[T any](s []T, v T, bound int) []T {
+	if len(s) == cap(s) {
+		grown := make([]T, len(s), max(len(s)+1, min(bound, len(s)+len(s)/4+8)))
+		copy(grown, s)
+		s = grown
+	}
+	return append(s, v)
+}
+
+// evict removes the bucket nearest to full, to make room for another. It
+// counts an eviction unless that bucket is full by now anyway. The caller
+// holds sh.mu.
+func (sh *shard) evict(now int64) {
+	slot := sh.heap[0]
+	if sh.entries[slot].fullAt > now {
+		sh.evictions++
+	}
+	sh.remove(slot)
+}
+
+// remove deletes the bucket in slot, moving the last bucket into its slot.
+// The caller holds sh.mu.
+func (sh *shard) remove(slot int32) {
+	e := &sh.entries[slot]
+	pos, last := int(e.pos), len(sh.heap)-1
+	if pos != last {
+		sh.swap(pos, last)
+	}
+	sh.heap = sh.heap[:last]
+	if pos != last {
+		sh.fix(pos)
+	}
+	sh.indexDelete(sh.indexOf(e.hash, slot))
+	end := int32(len(sh.entries) - 1)
+	if slot != end {
+		moved := sh.entries[end]
+		sh.entries[slot] = moved
+		sh.heap[moved.pos] = slot
+		sh.index[sh.indexOf(moved.hash, end)].slot = slot + 1
+	}
+	// Clear the vacated entry so that the array no longer holds its
+	// strings.
+	sh.entries[end] = entry{}
+	sh.entries = sh.entries[:end]
+}
+
+// find returns the slot of the bucket k whose hash is h, or -1. The caller
+// holds sh.mu.
+func (sh *shard) find(h uint32, k key) int32 {
+	if len(sh.index) == 0 {
+		return -1
+	}
+	mask := uint32(len(sh.index) - 1)
+	for i := h & mask; ; i = (i + 1) & mask {
+		is := sh.index[i]
+		switch {
+		case is.slot == 0:
+			return -1
+		case is.hash == h && sh.entries[is.slot-1].key == k:
+			return is.slot - 1
 		}
-		// Clear the record so that the array no longer holds its strings;
-		// append reallocates (keeping only live records) once the slice
-		// has moved to the end of its array.
-		sh.idQueue[0] = idRecord{}
-		sh.idQueue = sh.idQueue[1:]
 	}
-	if len(sh.idQueue) == 0 {
-		sh.idQueue = nil
+}
+
+// indexOf returns the position in the index of slot, whose hash is h. The
+// caller holds sh.mu, and slot is in the index.
+func (sh *shard) indexOf(h uint32, slot int32) uint32 {
+	mask := uint32(len(sh.index) - 1)
+	i := h & mask
+	for sh.index[i].slot != slot+1 {
+		i = (i + 1) & mask
 	}
+	return i
+}
+
+// indexAdd adds slot, whose hash is h, to the index, growing it first if
+// it would be more than 3/4 full. The caller holds sh.mu, and every entry
+// but slot is in the index.
+func (sh *shard) indexAdd(h uint32, slot int32) {
+	if 4*len(sh.entries) > 3*len(sh.index) {
+		sh.rebuildIndex(max(8, 2*len(sh.index)))
+		return // the rebuild added every entry, slot among them
+	}
+	mask := uint32(len(sh.index) - 1)
+	i := h & mask
+	for sh.index[i].slot != 0 {
+		i = (i + 1) & mask
+	}
+	sh.index[i] = indexSlot{hash: h, slot: slot + 1}
+}
+
+// indexDelete empties position i of the index, then moves back the entries
+// after it in its run that would no longer be found (backward-shift
+// deletion), so that no tombstones are needed. The caller holds sh.mu.
+func (sh *shard) indexDelete(i uint32) {
+	mask := uint32(len(sh.index) - 1)
+	for j := (i + 1) & mask; sh.index[j].slot != 0; j = (j + 1) & mask {
+		// The entry at j may fill the hole at i only if its home position
+		// is not cyclically within (i, j].
+		if home := sh.index[j].hash & mask; (j-home)&mask >= (j-i)&mask {
+			sh.index[i] = sh.index[j]
+			i = j
+		}
+	}
+	sh.index[i] = indexSlot{}
+}
+
+// rebuildIndex replaces the index with one of size positions (a power of
+// two) holding every entry. The caller holds sh.mu.
+func (sh *shard) rebuildIndex(size int) {
+	sh.index = make([]indexSlot, size)
+	mask := uint32(size - 1)
+	for slot, e := range sh.entries {
+		i := e.hash & mask
+		for sh.index[i].slot != 0 {
+			i = (i + 1) & mask
+		}
+		sh.index[i] = indexSlot{hash: e.hash, slot: int32(slot) + 1}
+	}
+}
+
+// fullAt returns the fullAt of the bucket at heap position i.
+func (sh *shard) fullAt(i int) int64 { return sh.entries[sh.heap[i]].fullAt }
+
+func (sh *shard) swap(i, j int) {
+	sh.heap[i], sh.heap[j] = sh.heap[j], sh.heap[i]
+	sh.entries[sh.heap[i]].pos = int32(i)
+	sh.entries[sh.heap[j]].pos = int32(j)
+}
+
+// up moves the bucket at heap position i towards the root while it will be
+// full sooner than its parent.
+func (sh *shard) up(i int) {
+	for i > 0 {
+		parent := (i - 1) / 2
+		if sh.fullAt(parent) <= sh.fullAt(i) {
+			return
+		}
+		sh.swap(i, parent)
+		i = parent
+	}
+}
+
+// down moves the bucket at heap position i towards the leaves while a child
+// will be full sooner, and reports whether it moved.
+func (sh *shard) down(i int) bool {
+	start, n := i, len(sh.heap)
+	for {
+		child := 2*i + 1
+		if child >= n {
+			break
+		}
+		if right := child + 1; right < n && sh.fullAt(right) < sh.fullAt(child) {
+			child = right
+		}
+		if sh.fullAt(i) <= sh.fullAt(child) {
+			break
+		}
+		sh.swap(i, child)
+		i = child
+	}
+	return i > start
+}
+
+// fix restores the heap order after the fullAt of the bucket at heap
+// position i changed.
+func (sh *shard) fix(i int) {
+	if !sh.down(i) {
+		sh.up(i)
+	}
+}
+
+// dropFull deletes the buckets that are full by now, nearest to full
+// first. The caller holds sh.mu.
+func (sh *shard) dropFull(now int64) {
+	for len(sh.heap) > 0 && sh.fullAt(0) <= now {
+		sh.remove(sh.heap[0])
+	}
+}
+
+// compact rebuilds the shard's storage once it holds less than a quarter of
+// its peak, so that the memory a flood of subjects took comes back once the
+// flood has refilled. The caller holds sh.mu.
+func (sh *shard) compact() {
+	const minPeak = 256
+	n := len(sh.entries)
+	if sh.peak < minPeak || n >= sh.peak/4 {
+		return
+	}
+	sh.entries = append(make([]entry, 0, n+n/4), sh.entries...)
+	sh.heap = append(make([]int32, 0, n+n/4), sh.heap...)
+	size := 8
+	for 4*(n+1) > 3*size {
+		size *= 2
+	}
+	sh.rebuildIndex(size)
+	sh.peak = n
 }
 
 // Acquire implements [bucket.LeaseStore]. It deletes the expired leases of
 // req's subject and name, then renews req.ID's lease if it is live, or
 // acquires it if fewer than req.Limit leases are. It fails only for a
-// malformed request or a done context.
+// malformed request or a context already done, as [Store.Take] does, and
+// then changes nothing. Leases do not count towards [WithMaxBuckets].
 func (s *Store) Acquire(ctx context.Context, req bucket.LeaseRequest) (bucket.LeaseDecision, error) {
 	if err := ctx.Err(); err != nil {
-		return bucket.LeaseDecision{}, err
+		return bucket.LeaseDecision{}, notApplied(err)
 	}
 	if err := req.Validate(); err != nil {
 		return bucket.LeaseDecision{}, err
 	}
-	sh := s.shard(req.Subject)
+	sh := s.shard(s.subjectHash(req.Subject))
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
-	now := s.now()
+	now := s.instant()
 	k := key{req.Subject, req.Name}
 	set := sh.leases[k]
 	dropExpired(set, now)
 	d := bucket.LeaseDecision{Limit: req.Limit}
 	if _, live := set[req.ID]; live || len(set) < req.Limit {
 		if set == nil {
-			set = make(map[string]time.Time, 1)
+			set = make(map[string]int64, 1)
 			sh.leases[k] = set
 		}
-		set[req.ID] = now.Add(req.TTL)
+		set[req.ID] = addSaturating(now, req.TTL)
 		d.Acquired = true
 	}
 	d.InUse = len(set)
@@ -261,15 +594,16 @@ func (s *Store) Acquire(ctx context.Context, req bucket.LeaseRequest) (bucket.Le
 }
 
 // Release implements [bucket.LeaseStore]. It fails only for malformed
-// arguments or a done context.
+// arguments or a context already done, as [Store.Take] does, and then
+// changes nothing.
 func (s *Store) Release(ctx context.Context, subject, name, id string) error {
 	if err := ctx.Err(); err != nil {
-		return err
+		return notApplied(err)
 	}
 	if err := bucket.ValidateLease(subject, name, id); err != nil {
 		return err
 	}
-	sh := s.shard(subject)
+	sh := s.shard(s.subjectHash(subject))
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
 	k := key{subject, name}
@@ -283,43 +617,58 @@ func (s *Store) Release(ctx context.Context, subject, name, id string) error {
 }
 
 // dropExpired deletes the leases of set that have expired by now.
-func dropExpired(set map[string]time.Time, now time.Time) {
+func dropExpired(set map[string]int64, now int64) {
 	for id, expires := range set {
-		if !now.Before(expires) {
+		if now >= expires {
 			delete(set, id)
 		}
 	}
 }
 
-// Len returns how many buckets the Store holds, that is, how many have not
-// been seen full since they were last charged. It is meant for tests and
-// metrics.
+// Len returns how many buckets the Store holds, that is, how many have
+// been charged below capacity and have neither been seen full since nor
+// evicted. It is meant for tests and metrics, and is safe for concurrent
+// use.
 func (s *Store) Len() int {
 	n := 0
 	for i := range s.shards {
 		sh := &s.shards[i]
 		sh.mu.Lock()
-		n += len(sh.buckets)
+		n += len(sh.entries)
 		sh.mu.Unlock()
 	}
 	return n
 }
 
-// Sweep deletes every bucket that has refilled to full by now, every
-// request ID recorded [bucket.DefaultIDWindow] or longer ago, and every
-// expired lease. The background sweep calls it; tests with a fake clock
-// call it directly.
+// Evictions returns how many buckets the Store has evicted since it was
+// made: buckets it forgot, before they had refilled, to make room for a new
+// bucket in a shard at its bound (see [WithMaxBuckets]). A bucket deleted
+// because it was full by then is not counted. It is meant for metrics, and
+// is safe for concurrent use.
+func (s *Store) Evictions() uint64 {
+	var n uint64
+	for i := range s.shards {
+		sh := &s.shards[i]
+		sh.mu.Lock()
+		n += sh.evictions
+		sh.mu.Unlock()
+	}
+	return n
+}
+
+// Sweep deletes every bucket that has refilled to full by now and every
+// expired lease. Since each shard keeps its buckets ordered by when they
+// will be full, deleting k buckets from a shard of n costs O(k log n),
+// not a scan. A shard left holding less than a quarter of its peak is
+// rebuilt smaller. The background sweep calls Sweep; tests with a fake
+// clock call it directly. It is safe for concurrent use.
 func (s *Store) Sweep() {
 	for i := range s.shards {
 		sh := &s.shards[i]
 		sh.mu.Lock()
-		now := s.now()
-		for k, lv := range sh.buckets {
-			if !now.Before(lv.fullAt) {
-				delete(sh.buckets, k)
-			}
-		}
-		sh.pruneIDs(now)
+		now := s.instant()
+		sh.dropFull(now)
+		sh.compact()
 		for k, set := range sh.leases {
 			dropExpired(set, now)
 			if len(set) == 0 {

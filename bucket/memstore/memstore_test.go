@@ -1,13 +1,24 @@
 package memstore_test
 
 import (
+	"context"
+	"errors"
+	"fmt"
 	"testing"
 	"time"
+
+	"go.uber.org/goleak"
 
 	"github.com/connectlimit/connectlimit/bucket"
 	"github.com/connectlimit/connectlimit/bucket/buckettest"
 	"github.com/connectlimit/connectlimit/bucket/memstore"
 )
+
+// TestMain fails the package's tests if any leaves a goroutine behind,
+// such as a sweep that Close did not stop.
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
 
 func TestContract(t *testing.T) {
 	t.Parallel()
@@ -89,5 +100,290 @@ func TestBackgroundSweep(t *testing.T) {
 	}
 	if err := s.Close(); err != nil {
 		t.Fatalf("second Close: %v", err)
+	}
+}
+
+var t0 = time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+
+// newStore returns a Store on a fake clock, without a background sweep.
+func newStore(t *testing.T, opts ...memstore.Option) (*memstore.Store, *buckettest.Clock) {
+	t.Helper()
+	clock := buckettest.NewClock(t0)
+	s := memstore.New(append([]memstore.Option{memstore.WithClock(clock.Now), memstore.WithSweepInterval(0)}, opts...)...)
+	t.Cleanup(func() { _ = s.Close() })
+	return s, clock
+}
+
+// tenPerTen is the limit of most tests below: 10 tokens, refilling at one
+// a second, so that a bucket charged c tokens is full c seconds later.
+var tenPerTen = bucket.Limit{Capacity: 10, RefillPerSecond: 1}
+
+// charge takes cost tokens (or adjusts by cost, if adjust) from subject's
+// bucket name and returns its level after.
+func charge(t *testing.T, s *memstore.Store, subject, name string, cost float64, mode bucket.Mode) float64 {
+	t.Helper()
+	d, err := s.Take(t.Context(), bucket.Request{Subject: subject, Mode: mode, Charges: []bucket.Charge{{Bucket: name, Limit: tenPerTen, Cost: cost}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !d.Allowed {
+		t.Fatalf("%s/%s: %v %v denied: %+v", subject, name, mode, cost, d)
+	}
+	return d.Buckets[0].Remaining
+}
+
+// level reads subject's bucket name at zero cost.
+func level(t *testing.T, s *memstore.Store, subject, name string) float64 {
+	t.Helper()
+	return charge(t, s, subject, name, 0, bucket.ModeTake)
+}
+
+func TestInProcess(t *testing.T) {
+	t.Parallel()
+	s, _ := newStore(t)
+	if !bucket.IsInProcess(s) {
+		t.Fatal("IsInProcess(memstore) = false")
+	}
+	// A Store remembers no IDs: every request is applied, the same ID or
+	// not, since nothing it applied is ever resent.
+	req := bucket.Request{Subject: "alice", ID: "once", Charges: []bucket.Charge{{Bucket: "b", Limit: tenPerTen, Cost: 3}}}
+	for i, want := range []float64{7, 4, 1} {
+		d, err := s.Take(t.Context(), req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !d.Allowed || d.Duplicate || d.Buckets[0].Remaining != want {
+			t.Fatalf("take %d with ID %q: %+v, want applied, leaving %v", i, req.ID, d, want)
+		}
+	}
+}
+
+func TestDoneContext(t *testing.T) {
+	t.Parallel()
+	canceled, cancel := context.WithCancel(context.Background())
+	cancel()
+	expired, cancel := context.WithDeadline(context.Background(), t0)
+	defer cancel()
+	for _, tc := range []struct {
+		name    string
+		ctx     context.Context
+		wantErr error
+	}{
+		{"canceled", canceled, context.Canceled},
+		{"deadline exceeded", expired, context.DeadlineExceeded},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			s, _ := newStore(t)
+			lease := bucket.LeaseRequest{Subject: "alice", Name: "gen", Limit: 1, ID: "held", TTL: time.Minute}
+			if d, err := s.Acquire(t.Context(), lease); err != nil || !d.Acquired {
+				t.Fatalf("Acquire: %+v, %v", d, err)
+			}
+			check := func(op string, err error) {
+				t.Helper()
+				if !errors.Is(err, bucket.ErrNotApplied) || !errors.Is(err, tc.wantErr) || bucket.MayHaveApplied(err) {
+					t.Errorf("%s: err = %v, want one wrapping bucket.ErrNotApplied and %v", op, err, tc.wantErr)
+				}
+			}
+			_, err := s.Take(tc.ctx, bucket.Request{Subject: "alice", Charges: []bucket.Charge{{Bucket: "b", Limit: tenPerTen, Cost: 3}}})
+			check("Take", err)
+			_, err = s.Acquire(tc.ctx, bucket.LeaseRequest{Subject: "alice", Name: "other", Limit: 1, ID: "x", TTL: time.Minute})
+			check("Acquire", err)
+			check("Release", s.Release(tc.ctx, "alice", "gen", "held"))
+			// Nothing changed: no bucket, and the lease is still held.
+			if n := s.Len(); n != 0 {
+				t.Errorf("Len = %d after a failed Take, want 0", n)
+			}
+			lease.ID = "another"
+			if d, err := s.Acquire(t.Context(), lease); err != nil || d.Acquired || d.InUse != 1 {
+				t.Errorf("Acquire after a failed Release: %+v, %v; want denied with the lease still held", d, err)
+			}
+		})
+	}
+}
+
+func TestEvictionOrder(t *testing.T) {
+	t.Parallel()
+	// Every bucket belongs to one subject, so one shard, which holds 4.
+	type op struct {
+		advance time.Duration
+		bucket  string
+		cost    float64
+		mode    bucket.Mode
+	}
+	setup := []op{{bucket: "a", cost: 5}, {bucket: "b", cost: 1}, {bucket: "c", cost: 9}, {bucket: "d", cost: 3}}
+	for _, tc := range []struct {
+		name string
+		ops  []op
+		// wantLevels are the levels of a..f at the end; a forgotten bucket
+		// reads full (10).
+		wantLevels    map[string]float64
+		wantEvictions uint64
+	}{
+		{
+			name:          "nearest to full goes first",
+			ops:           []op{{bucket: "e", cost: 2}},
+			wantLevels:    map[string]float64{"a": 5, "b": 10, "c": 1, "d": 7, "e": 8},
+			wantEvictions: 1,
+		},
+		{
+			name:          "each new bucket evicts the next nearest",
+			ops:           []op{{bucket: "e", cost: 8}, {bucket: "f", cost: 8}},
+			wantLevels:    map[string]float64{"a": 5, "b": 10, "c": 1, "d": 10, "e": 2, "f": 2},
+			wantEvictions: 2,
+		},
+		{
+			name:          "a heavy charge moves a bucket to the back",
+			ops:           []op{{bucket: "b", cost: 9}, {bucket: "e", cost: 1}},
+			wantLevels:    map[string]float64{"a": 5, "b": 0, "c": 1, "d": 10, "e": 9},
+			wantEvictions: 1,
+		},
+		{
+			name:          "a refund moves a bucket to the front",
+			ops:           []op{{bucket: "c", cost: -8.5, mode: bucket.ModeAdjust}, {bucket: "e", cost: 1}},
+			wantLevels:    map[string]float64{"a": 5, "b": 9, "c": 10, "d": 7, "e": 9},
+			wantEvictions: 1,
+		},
+		{
+			name:          "the newest bucket can go next",
+			ops:           []op{{bucket: "e", cost: 0.5}, {bucket: "f", cost: 0.5}},
+			wantLevels:    map[string]float64{"a": 5, "b": 10, "c": 1, "d": 7, "e": 10, "f": 9.5},
+			wantEvictions: 2,
+		},
+		{
+			// b is full by then: dropping it is no eviction.
+			name:       "a full bucket makes room without an eviction",
+			ops:        []op{{advance: time.Second, bucket: "e", cost: 1}},
+			wantLevels: map[string]float64{"a": 6, "b": 10, "c": 2, "d": 8, "e": 9},
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			s, clock := newStore(t, memstore.WithMaxBuckets(4*64))
+			for _, o := range append(setup[:len(setup):len(setup)], tc.ops...) {
+				clock.Advance(o.advance)
+				charge(t, s, "alice", o.bucket, o.cost, o.mode)
+			}
+			if n := s.Len(); n != 4 {
+				t.Fatalf("Len = %d, want the shard's bound, 4", n)
+			}
+			if got := s.Evictions(); got != tc.wantEvictions {
+				t.Errorf("Evictions = %d, want %d", got, tc.wantEvictions)
+			}
+			for _, name := range []string{"a", "b", "c", "d", "e", "f"} {
+				want, ok := tc.wantLevels[name]
+				if !ok {
+					want = 10
+				}
+				if got := level(t, s, "alice", name); got != want {
+					t.Errorf("bucket %s holds %v, want %v", name, got, want)
+				}
+			}
+		})
+	}
+}
+
+func TestBoundUnderFlood(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name      string
+		max       int
+		wantBound int
+		// advance is how far the clock moves before each charge; with 1s,
+		// every earlier flood bucket is full by the next charge.
+		advance       time.Duration
+		wantEvictions bool
+	}{
+		{name: "below one per shard", max: 1, wantBound: 64, wantEvictions: true},
+		{name: "rounded up per shard", max: 1000, wantBound: 1024, wantEvictions: true},
+		{name: "larger", max: 8000, wantBound: 8000, wantEvictions: true},
+		{name: "flood of buckets that refill", max: 1000, wantBound: 1024, advance: time.Second},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			s, clock := newStore(t, memstore.WithMaxBuckets(tc.max))
+			const subjects = 20000
+			for i := range subjects {
+				clock.Advance(tc.advance)
+				charge(t, s, fmt.Sprint("flood:", i), "b", 1, bucket.ModeTake)
+				if i%1000 == 0 && s.Len() > tc.wantBound {
+					t.Fatalf("Len = %d after %d subjects, want at most %d", s.Len(), i+1, tc.wantBound)
+				}
+			}
+			n := s.Len()
+			if n > tc.wantBound {
+				t.Fatalf("Len = %d after the flood, want at most %d", n, tc.wantBound)
+			}
+			// With the clock stopped, every bucket that is gone was evicted.
+			want := uint64(0)
+			if tc.wantEvictions {
+				want = uint64(subjects - n)
+			}
+			if got := s.Evictions(); got != want {
+				t.Fatalf("Evictions = %d with %d buckets left of %d, want %d", got, n, subjects, want)
+			}
+		})
+	}
+}
+
+func TestHeavySpenderSurvivesFlood(t *testing.T) {
+	t.Parallel()
+	for _, max := range []int{2 * 64, 16 * 64, 100_000} {
+		t.Run(fmt.Sprint(max), func(t *testing.T) {
+			t.Parallel()
+			s, clock := newStore(t, memstore.WithMaxBuckets(max))
+			charge(t, s, "heavy", "b", 10, bucket.ModeTake)
+			charge(t, s, "medium", "b", 5, bucket.ModeTake)
+			for i := range 20000 {
+				charge(t, s, fmt.Sprint("flood:", i), "b", 1, bucket.ModeTake)
+			}
+			clock.Advance(time.Second)
+			// Flood buckets are full by now; the heavy spender is still
+			// empty but for one second's refill.
+			if got := level(t, s, "heavy", "b"); got != 1 {
+				t.Fatalf("heavy holds %v after the flood, want 1: it was evicted", got)
+			}
+			if got := level(t, s, "medium", "b"); got != 6 {
+				t.Fatalf("medium holds %v after the flood, want 6: it was evicted", got)
+			}
+		})
+	}
+}
+
+func TestSweepDropsFullBuckets(t *testing.T) {
+	t.Parallel()
+	s, clock := newStore(t)
+	// Subject i's bucket is charged 1 + i%10 tokens, so it is full that
+	// many seconds later; its subject is spread across every shard.
+	const subjects = 1000
+	for i := range subjects {
+		charge(t, s, fmt.Sprint("user:", i), "b", float64(1+i%10), bucket.ModeTake)
+	}
+	for i, st := range []struct {
+		advance time.Duration
+		wantLen int
+	}{
+		{advance: 0, wantLen: 1000},
+		{advance: 999 * time.Millisecond, wantLen: 1000},
+		{advance: time.Millisecond, wantLen: 900},
+		{advance: 2500 * time.Millisecond, wantLen: 700},
+		{advance: 500 * time.Millisecond, wantLen: 600},
+		{advance: time.Hour, wantLen: 0},
+	} {
+		clock.Advance(st.advance)
+		s.Sweep()
+		if got := s.Len(); got != st.wantLen {
+			t.Fatalf("step %d: Len = %d after a sweep, want %d", i, got, st.wantLen)
+		}
+		if i == 3 {
+			// The buckets the sweep kept have their levels: user:9 was
+			// charged 10 tokens 3.5 seconds ago.
+			if got := level(t, s, "user:9", "b"); got != 3.5 {
+				t.Fatalf("user:9 holds %v, want 3.5", got)
+			}
+		}
+	}
+	if got := s.Evictions(); got != 0 {
+		t.Fatalf("Evictions = %d, want 0: the sweep does not evict", got)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"time"
 
 	"github.com/redis/go-redis/v9"
 
@@ -15,13 +16,18 @@ import (
 func ExampleNew() {
 	client := redis.NewClient(&redis.Options{
 		Addr: os.Getenv("REDIS_ADDR"), // host:port of your Redis
-		// Fail a call at its context's deadline, even if Redis hangs.
+		// End a batch's socket read at the store's deadline, even if Redis
+		// hangs.
 		ContextTimeoutEnabled: true,
-		// Never resend a script whose reply was lost: charge at most once.
+		// Never resend a script whose reply was lost: charge at most once,
+		// and keep "not applied" and "unknown" apart.
 		MaxRetries: -1,
+		// Report a refused connection at once, as not applied.
+		DialerRetries: 1,
 	})
 	defer client.Close()
-	store := redisstore.New(client, redisstore.WithKeyPrefix("myapp"))
+	// Concurrent calls share script calls; each batch waits at most 50 ms.
+	store := redisstore.New(client, redisstore.WithKeyPrefix("myapp"), redisstore.WithTimeout(50*time.Millisecond))
 
 	// 60 requests a minute, in bursts of up to 10, plus 1,000 tokens a minute.
 	d, err := store.Take(context.Background(), bucket.Request{
@@ -32,8 +38,10 @@ func ExampleNew() {
 		},
 	})
 	switch {
+	case bucket.MayHaveApplied(err):
+		fmt.Println("Redis failed, maybe after charging; resend with an ID to know:", err)
 	case err != nil:
-		fmt.Println("Redis failed:", err)
+		fmt.Println("Redis failed without charging:", err)
 	case !d.Allowed:
 		fmt.Println("denied; retry after", d.RetryAfter)
 	default:

@@ -2,35 +2,60 @@
 // [Store] that lets every replica of a service share one set of token
 // buckets and concurrency limits.
 //
-// Each [Store.Take] is one atomic Lua script (take.lua, run with EVALSHA
-// and falling back to EVAL when the server lacks it) that refills, decides
-// and charges all of a request's buckets at once, on the Redis server's own
-// clock (TIME), so that application servers with skewed clocks cannot
-// over-admit. A bucket that refills to full is deleted, and every other
-// bucket key expires when it would be full, so idle subjects cost no
-// memory. The same script checks and records the ID of an idempotent
-// request in a marker key that expires after [bucket.IdempotencyWindow].
+// Every operation (a [Store.Take], [Store.Acquire] or [Store.Release]) runs
+// in one atomic Lua script (batch.lua, run with EVALSHA and falling back to
+// EVAL when the server lacks it) that refills, decides and charges all of a
+// request's buckets at once, on the Redis server's own clock (TIME), so
+// that application servers with skewed clocks cannot over-admit. A bucket
+// that refills to full is deleted, and every other bucket key expires when
+// it would be full, so idle subjects cost no memory. The same script checks
+// and records the ID of an idempotent request in a marker key that expires
+// after the request's [bucket.Request.IDWindow], and keeps the leases of a
+// concurrency limit in one sorted set per subject and lease name, scored by
+// their expiry instants, which expires with its last lease.
 //
-// [Store.Acquire] and [Store.Release] run a second script (lease.lua) on
-// one sorted set per subject and lease name, whose members are the leases
-// and whose scores are their expiry instants on the server's clock. The
-// set expires with its last lease, so the slots of an instance that died
-// come back after the lease TTL, and an idle subject costs no memory.
+// A Store coalesces concurrent operations: while two batches are in flight,
+// new operations queue, and the next batch carries every queued operation
+// (up to [WithMaxBatch]) in one script call, applied in queue order. Under
+// light traffic an operation is sent at once, alone, so batching adds no
+// latency; under heavy traffic it saves a round trip and a script call per
+// operation. Each batch has its own deadline ([WithTimeout]); each caller's
+// context bounds only its own wait.
+//
+// Every call has one of three outcomes: a decision (applied, or denied
+// without change), an error wrapping [bucket.ErrNotApplied] (certainly
+// changed nothing), or an error wrapping [bucket.ErrOutcomeUnknown] (the
+// request may have been applied: resend it with the same
+// [bucket.Request.ID] to find out). [Store.Take] says which failures are
+// which.
 //
 // [New] accepts any [redis.UniversalClient]: a single server
-// ([redis.Client]), Sentinel ([redis.NewFailoverClient]) or Redis Cluster
-// ([redis.ClusterClient]); the keys of one request share a {hash tag} so
-// that they live in one Cluster slot. Redis 5 or later is required (the
-// script reads TIME before writing, which needs effects replication).
+// ([redis.Client]), Sentinel ([redis.NewFailoverClient]), Redis Cluster
+// ([redis.ClusterClient]) or a [redis.Ring]. The keys of one operation share
+// its subject as their {hash tag}, so that they live in one Cluster slot
+// (or Ring shard), and a batch is split by slot (or by subject, for a Ring)
+// into script calls sent together in one pipeline. Redis 5 or later is
+// required (the script reads TIME before writing, which needs effects
+// replication).
+//
+// Configure the client with ContextTimeoutEnabled, so that a batch's
+// deadline also ends its socket read; with MaxRetries -1 (for a
+// ClusterClient, MaxRedirects -1), since go-redis resends a command whose
+// reply it lost, which can charge a request without an ID twice and makes
+// every failure's outcome unknown (the last attempt's error says nothing of
+// the earlier ones); and with DialerRetries 1, so that a refused connection
+// fails a batch at once, as not applied, instead of after the batch's
+// deadline, as unknown. Requests with IDs are never charged twice within
+// their window, resends or not.
 package redisstore
 
 import (
 	"context"
-	_ "embed" // for take.lua and lease.lua
 	"errors"
 	"fmt"
 	"math"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -38,33 +63,30 @@ import (
 	"github.com/connectlimit/connectlimit/bucket"
 )
 
-// DefaultKeyPrefix starts every key a [Store] writes, unless set with
-// [WithKeyPrefix].
-const DefaultKeyPrefix = "cl"
-
-//go:embed take.lua
-var takeSource string
-
-// takeScript is the one script every Store runs. [redis.Script.Run] tries
-// EVALSHA with its digest and falls back to EVAL (which also caches it) if
-// the server answers NOSCRIPT, e.g. after a restart or SCRIPT FLUSH.
-var takeScript = redis.NewScript(takeSource)
-
-//go:embed lease.lua
-var leaseSource string
-
-// leaseScript runs every Acquire and Release, like takeScript.
-var leaseScript = redis.NewScript(leaseSource)
-
 var (
 	_ bucket.Store      = (*Store)(nil)
 	_ bucket.LeaseStore = (*Store)(nil)
 )
 
 // Store is a [bucket.Store] and [bucket.LeaseStore] whose buckets and
-// leases live in Redis. Create one with [New]. It is safe for concurrent
-// use, and any number of Stores, in any number of processes, may share one
-// Redis: each Take, Acquire and Release is atomic on the server.
+// leases live in Redis. Create one with [New]; the zero Store is not
+// usable. It is safe for concurrent use, and any number of Stores, in any
+// number of processes, may share one Redis: each operation is atomic on the
+// server. A Store starts a goroutine only while it has batches in flight,
+// so it needs no Close, and an idle one costs nothing. It is not
+// [bucket.InProcess]: a reply can be lost on the network, so it remembers
+// request IDs (see [Store.Take]).
+//
+// Concurrent calls on one Store are coalesced into batches: at most two
+// batches are in flight at once; the calls made meanwhile wait in a queue,
+// and the next batch takes all of them, up to the maximum batch size
+// ([WithMaxBatch], 256 by default), into one script call. Operations in a
+// batch are applied one after the other, in the order they were queued,
+// each with its own all-or-nothing semantics, so two operations on one
+// bucket see each other exactly as two sequential calls would. The server's
+// clock is read once per script call. On Redis Cluster a batch is split by
+// hash slot, and on a Ring by subject, into script calls sent in one
+// pipeline, so that each node gets one round trip.
 //
 // For a subject S, with S and the other names escaped as [WithKeyPrefix]
 // describes, a Store writes three kinds of keys:
@@ -73,93 +95,121 @@ var (
 //     in microseconds>", expiring when the bucket would be full;
 //   - "<prefix>:{S}~id:I", the marker of an applied request with ID I:
 //     the string "<instant in microseconds>" until which I counts as
-//     applied, expiring then ([bucket.IdempotencyWindow] after it was set);
+//     applied, expiring then ([bucket.Request.IDWindow] after it was set);
 //   - "<prefix>:{S}~lease:N", the leases of the concurrency limit named
 //     N: a sorted set of lease IDs scored by their expiry instants in
 //     microseconds, expiring with the last of them.
 type Store struct {
-	client redis.Scripter
-	prefix string
+	client   redis.UniversalClient
+	routing  routing
+	prefix   string
+	timeout  time.Duration
+	maxBatch int
+	// oneAttempt reports that the client never resends a command, so that
+	// an error it returns is about the only attempt (see failure).
+	oneAttempt bool
 	// now is nil in production: the script then reads the server's clock.
 	now func() time.Time
+
+	mu sync.Mutex
+	// queue holds the operations waiting for a batch, oldest first.
+	queue []*op
+	// inFlight counts the batches sent and not yet answered, each with a
+	// goroutine (run) that exists only until the queue is empty.
+	inFlight int
 }
 
-type config struct {
-	prefix string
-	now    func() time.Time
-}
-
-// Option configures a [Store].
-type Option interface {
-	apply(*config)
-}
-
-type optionFunc func(*config)
-
-func (f optionFunc) apply(c *config) { f(c) }
-
-// WithKeyPrefix sets the prefix of every key the Store writes, so that
-// several applications (or tests) can share one Redis. The default is
-// [DefaultKeyPrefix], "cl".
+// New returns a Store that keeps its buckets and leases in client's Redis.
+// The Store does not close client. How it sends batches depends on the
+// client's type: one script call per batch for a [*redis.Client] (a single
+// server, or a Sentinel failover client), and one pipeline of script calls,
+// one per hash slot, for a [*redis.ClusterClient] (or one per subject, for a
+// [*redis.Ring] or any other client).
 //
-// Keys are "<prefix>:{<subject>}:<bucket>" for buckets,
-// "<prefix>:{<subject>}~id:<request ID>" for the markers of idempotent
-// requests and "<prefix>:{<subject>}~lease:<lease name>" for lease sets;
-// lease set members are lease IDs. Each of prefix, subject, bucket name,
-// request ID, lease name and lease ID is used as is when it is at most 64
-// bytes drawn from A-Z a-z 0-9 and . _ @ = - : (so "user:alice" stays
-// readable); any other string, including one with braces, control bytes,
-// invalid UTF-8 or more than 64 bytes, is replaced by "#" and the first 144
-// bits of its SHA-256 in unpadded base64url (25 bytes in all). A verbatim
-// name never contains "#", so it never equals a hashed one; the subject,
-// being brace-free, is exactly the key's Cluster hash tag; and the
-// character after its "}" (":" or "~") keeps buckets apart from markers
-// and lease sets.
-func WithKeyPrefix(prefix string) Option {
-	return optionFunc(func(c *config) { c.prefix = prefix })
-}
-
-// withClock makes the scripts decide at now() instead of at the server's
-// TIME, and write keys without a TTL (which would run on the server's real
-// clock, not on now); ID markers and leases still expire at now(), since
-// the scripts compare their expiry instants with it. Only tests use it, through export_test.go:
-// application clocks skew, and a store that trusted them would over-admit.
-func withClock(now func() time.Time) Option {
-	return optionFunc(func(c *config) { c.now = now })
-}
-
-// New returns a Store that keeps its buckets in client's Redis. The Store
-// does not close client.
-//
-// Take honours its context's deadline only as far as client does: set
-// [redis.Options.ContextTimeoutEnabled] so that a hung server fails a call
-// at its deadline rather than after ReadTimeout (3 s by default).
+// The client should set [redis.Options.ContextTimeoutEnabled], so that a
+// hung server fails a batch at its deadline rather than after ReadTimeout
+// (3 s by default), and MaxRetries -1 and DialerRetries 1, so that failures
+// can be told apart (see [Store.Take]). A ClusterClient resends pipelines
+// up to MaxRedirects times, after a lost reply as after a MOVED redirection:
+// with MaxRedirects -1 its failures can be told apart too, but a batch that
+// meets a slot migration fails (as not applied) instead of following it.
 func New(client redis.UniversalClient, opts ...Option) *Store {
-	cfg := config{prefix: DefaultKeyPrefix}
+	cfg := config{prefix: DefaultKeyPrefix, timeout: DefaultTimeout, maxBatch: DefaultMaxBatch}
 	for _, o := range opts {
 		o.apply(&cfg)
 	}
-	return &Store{client: client, prefix: escape(cfg.prefix), now: cfg.now}
+	s := &Store{
+		client:   client,
+		prefix:   escape(cfg.prefix),
+		timeout:  cfg.timeout,
+		maxBatch: cfg.maxBatch,
+		now:      cfg.now,
+		routing:  routeTag,
+	}
+	switch c := client.(type) {
+	case *redis.Client:
+		s.routing = routeOne
+		// MaxRetries -1 reads back as 0; 0 (the default) as 3.
+		s.oneAttempt = c != nil && c.Options().MaxRetries <= 0
+	case *redis.ClusterClient:
+		s.routing = routeSlot
+		// A ClusterClient resends a pipeline after a lost reply, as it
+		// follows redirects, up to MaxRedirects times (-1 reads back as 0).
+		s.oneAttempt = c != nil && c.Options().MaxRedirects <= 0
+	case *redis.Ring:
+		// A Ring runs each shard's part of a pipeline once, on shard
+		// clients without retries.
+		s.oneAttempt = true
+	}
+	return s
 }
 
 // Take implements [bucket.Store]: it refills, decides and, if allowed,
-// charges every bucket of req in one script run on the server's clock.
+// charges every bucket of req in one script run on the server's clock,
+// together with whatever other operations are queued on the Store (see
+// [Store]).
 //
 // A request with an [bucket.Request.ID] is checked against, and once
 // applied recorded in, its marker key in the same script run, so a resent
-// request is never applied twice within [bucket.IdempotencyWindow] of the
-// server's clock.
+// request is never applied twice within its [bucket.Request.IDWindow] of
+// the server's clock.
 //
 // Take returns an error wrapping [bucket.ErrInvalidRequest] for a malformed
-// request, and otherwise an error only when Redis failed. When the server
-// answered with an error (a [redis.Error], such as a script error, a
-// Cluster CROSSSLOT or OOM), nothing was charged. When the reply was lost
-// instead (a timeout, the context's deadline, a dropped connection after
-// the script was sent), whether it was charged is unknown. Note that
-// go-redis resends a command whose reply it lost up to
-// [redis.Options.MaxRetries] times (3 by default), which can charge a
-// request without an ID twice; give requests IDs, or set MaxRetries to -1
-// to charge at most once.
+// request, and otherwise an error only when the call failed, which wraps
+// exactly one of:
+//
+//   - [bucket.ErrNotApplied] when nothing was charged for certain: ctx was
+//     done on entry, or ended while the request waited in the queue (the
+//     request is then never sent); batch.lua found one of the request's
+//     keys unreadable (a malformed value, another type) and failed this
+//     request alone, before writing anything; or the client made one
+//     attempt (MaxRetries -1, see [New]) and it failed before sending (a
+//     dial error such as a refused connection, [redis.ErrPoolTimeout],
+//     [redis.ErrPoolExhausted], [redis.ErrClosed]) or the server answered
+//     with an error (a [redis.Error]: a script error, NOSCRIPT even after
+//     the EVAL fallback, OOM, LOADING, CROSSSLOT, MOVED...), since Redis
+//     and batch.lua refuse a batch only before writing any of it.
+//   - [bucket.ErrOutcomeUnknown] when the request may have been charged:
+//     its batch was sent and the reply was lost (the batch's timeout, see
+//     [WithTimeout]; a read or write timeout; EOF; a reset connection) or
+//     malformed; ctx ended while the batch was in flight (Take then returns
+//     at once, and the batch goes on without it); the batch's deadline
+//     passed while the client waited for a connection, which it cannot
+//     tell from a lost reply (go-redis dials in the background and, unless
+//     DialerRetries is 1, retries a refused dial 100 ms later); or the
+//     client may have resent the batch (MaxRetries not -1), which makes any
+//     failure's outcome unknown.
+//
+// The client's error stays in the chain, for [errors.Is] and [errors.As],
+// and in the message. A caller resolves an unknown outcome by resending the
+// request with the same ID, e.g. as [bucket.ModeAdjust]: the store then
+// reports a duplicate if the first one was applied, and applies it
+// otherwise.
+//
+// The client's retries (MaxRetries, 3 by default) resend a batch whose
+// reply was lost. For requests with IDs that is harmless, since a resend
+// is a duplicate, but a request without an ID may be charged twice: give
+// every state-changing request an ID, or set MaxRetries to -1.
 func (s *Store) Take(ctx context.Context, req bucket.Request) (bucket.Decision, error) {
 	if err := req.Validate(); err != nil {
 		return bucket.Decision{}, err
@@ -167,57 +217,69 @@ func (s *Store) Take(ctx context.Context, req bucket.Request) (bucket.Decision, 
 	if err := s.ready(ctx); err != nil {
 		return bucket.Decision{}, fmt.Errorf("redisstore: take: %w", err)
 	}
-	n := len(req.Charges)
-	keys := make([]string, n, n+1)
-	args := make([]any, 3+3*n)
-	args[0] = req.Mode.String()
-	args[1] = s.nowArg()
-	args[2] = ""
-	subject := escape(req.Subject)
-	for i, c := range req.Charges {
-		keys[i] = key(s.prefix, subject, escape(c.Bucket))
-		args[3+3*i] = formatFloat(c.Limit.Capacity)
-		args[4+3*i] = formatFloat(c.Limit.RefillPerSecond)
-		args[5+3*i] = formatFloat(c.Cost)
-	}
-	if req.ID != "" {
-		keys = append(keys, idKey(s.prefix, subject, escape(req.ID)))
-		args[2] = strconv.FormatInt(req.Window().Microseconds(), 10)
-	}
-	reply, err := takeScript.Run(ctx, s.client, keys, args...).Slice()
+	reply, err := s.do(ctx, s.takeOp(req))
 	if err != nil {
 		return bucket.Decision{}, fmt.Errorf("redisstore: take: %w", err)
 	}
+	n := len(req.Charges)
 	got, levels, err := parseReply(reply, n)
 	if err != nil {
-		return bucket.Decision{}, fmt.Errorf("redisstore: take: %w", err)
+		return bucket.Decision{}, fmt.Errorf("redisstore: take: %w: %w", bucket.ErrOutcomeUnknown, err)
 	}
 	if got == duplicate {
 		if req.ID == "" {
-			return bucket.Decision{}, errors.New("redisstore: take: take.lua reported a duplicate of a request without an ID")
+			return bucket.Decision{}, fmt.Errorf("redisstore: take: %w: batch.lua reported a duplicate of a request without an ID", bucket.ErrNotApplied)
 		}
 		return bucket.DecideDuplicate(req, levels), nil
 	}
 	// The script decided with the same arithmetic on the same levels; Decide
 	// rebuilds the Decision (RetryAfter, ResetAfter) from them so that the
-	// arithmetic lives in one place. A disagreement is a bug, never ignored.
+	// arithmetic lives in one place. A disagreement is a bug, never ignored:
+	// what the script did is then known, but not what the caller should
+	// believe.
 	d := bucket.Decide(req, levels)
 	if d.Allowed != (got == applied) {
-		return bucket.Decision{}, fmt.Errorf("redisstore: take: take.lua and bucket.Decide disagree on levels %v: script applied=%v, Decide allowed=%v (the charge may have been applied)", levels, got == applied, d.Allowed)
+		kind := bucket.ErrNotApplied
+		if got == applied {
+			kind = bucket.ErrOutcomeUnknown
+		}
+		return bucket.Decision{}, fmt.Errorf("redisstore: take: %w: batch.lua and bucket.Decide disagree on levels %v: script applied=%v, Decide allowed=%v", kind, levels, got == applied, d.Allowed)
 	}
 	return d, nil
 }
 
-// nowArg is the scripts' "now" argument: "" to read the server's clock, or
-// the test clock's instant in microseconds.
-func (s *Store) nowArg() string {
-	if s.now == nil {
-		return ""
+// takeArgSize is enough for the ARGV entry of any valid request: a mode,
+// a window and three numbers of at most 24 bytes per charge.
+const takeArgSize = 32 + bucket.MaxCharges*3*25
+
+// takeOp returns the operation of a valid request: its bucket keys and
+// marker key, and "<mode> <window or -> <capacity> <rate> <cost>..." (see
+// batch.lua).
+func (s *Store) takeOp(req bucket.Request) *op {
+	o := &op{tag: escape(req.Subject)}
+	o.keys = o.keyBuf[:0]
+	for _, c := range req.Charges {
+		o.keys = append(o.keys, key(s.prefix, o.tag, escape(c.Bucket)))
 	}
-	return strconv.FormatInt(s.now().UnixMicro(), 10)
+	var buf [takeArgSize]byte
+	b := append(buf[:0], req.Mode.String()...)
+	b = append(b, ' ')
+	if req.ID == "" {
+		b = append(b, '-')
+	} else {
+		o.keys = append(o.keys, idKey(s.prefix, o.tag, escape(req.ID)))
+		b = strconv.AppendInt(b, ceilMicros(req.Window()), 10)
+	}
+	for _, c := range req.Charges {
+		b = appendFloat(append(b, ' '), c.Limit.Capacity)
+		b = appendFloat(append(b, ' '), c.Limit.RefillPerSecond)
+		b = appendFloat(append(b, ' '), c.Cost)
+	}
+	o.arg = string(b)
+	return o
 }
 
-// verdict is take.lua's answer to a request.
+// verdict is batch.lua's answer to a bucket request.
 type verdict int64
 
 const (
@@ -230,9 +292,13 @@ const (
 	duplicate verdict = 2
 )
 
-// parseReply checks take.lua's reply: {verdict (0, 1 or 2), level_1, ...,
-// level_n} with levels as decimal strings.
-func parseReply(reply []any, n int) (verdict, []float64, error) {
+// parseReply checks batch.lua's reply to a bucket request: {verdict (0, 1
+// or 2), level_1, ..., level_n} with levels as decimal strings.
+func parseReply(r any, n int) (verdict, []float64, error) {
+	reply, ok := r.([]any)
+	if !ok {
+		return denied, nil, fmt.Errorf("malformed script reply: %T, want an array", r)
+	}
 	if len(reply) != n+1 {
 		return denied, nil, fmt.Errorf("malformed script reply: %d elements, want %d", len(reply), n+1)
 	}
@@ -256,15 +322,17 @@ func parseReply(reply []any, n int) (verdict, []float64, error) {
 }
 
 // Acquire implements [bucket.LeaseStore]: in one script run on the server's
-// clock it deletes the expired leases of req's subject and name, renews
-// req.ID's lease if it is live or acquires it if fewer than req.Limit
-// leases are, and sets the lease set's TTL to its last expiry. The TTL is
-// rounded up to a microsecond.
+// clock, batched like [Store.Take], it deletes the expired leases of req's
+// subject and name, renews req.ID's lease if it is live or acquires it if
+// fewer than req.Limit leases are, and sets the lease set's TTL to its last
+// expiry. The TTL is rounded up to a microsecond.
 //
 // Acquire returns an error wrapping [bucket.ErrInvalidRequest] for a
-// malformed request, and otherwise an error only when Redis failed. After a
-// lost reply, the lease may or may not be held; resending the same request
-// is safe (it renews the lease), and so is releasing it.
+// malformed request, and otherwise an error only when the call failed,
+// wrapping [bucket.ErrNotApplied] or [bucket.ErrOutcomeUnknown] by the
+// rules of [Store.Take]. After an unknown outcome the lease may or may not
+// be held; resending the same request is safe (it renews the lease), and
+// so is releasing it.
 func (s *Store) Acquire(ctx context.Context, req bucket.LeaseRequest) (bucket.LeaseDecision, error) {
 	if err := req.Validate(); err != nil {
 		return bucket.LeaseDecision{}, err
@@ -272,26 +340,34 @@ func (s *Store) Acquire(ctx context.Context, req bucket.LeaseRequest) (bucket.Le
 	if err := s.ready(ctx); err != nil {
 		return bucket.LeaseDecision{}, fmt.Errorf("redisstore: acquire: %w", err)
 	}
-	// The TTL in whole microseconds, rounded up (without overflowing).
-	ttl := req.TTL / time.Microsecond
-	if req.TTL%time.Microsecond != 0 {
-		ttl++
-	}
-	keys := []string{leaseKey(s.prefix, escape(req.Subject), escape(req.Name))}
-	reply, err := leaseScript.Run(ctx, s.client, keys, "acquire", s.nowArg(), escape(req.ID), strconv.Itoa(req.Limit), strconv.FormatInt(int64(ttl), 10)).Slice()
+	o := &op{tag: escape(req.Subject)}
+	o.keys = append(o.keyBuf[:0], leaseKey(s.prefix, o.tag, escape(req.Name)))
+	var buf [64 + 2*maxVerbatim]byte
+	b := append(buf[:0], "acquire "...)
+	b = strconv.AppendInt(b, int64(req.Limit), 10)
+	b = append(b, ' ')
+	b = strconv.AppendInt(b, ceilMicros(req.TTL), 10)
+	b = append(b, ' ')
+	b = append(b, escape(req.ID)...)
+	o.arg = string(b)
+	reply, err := s.do(ctx, o)
 	if err != nil {
 		return bucket.LeaseDecision{}, fmt.Errorf("redisstore: acquire: %w", err)
 	}
 	acquired, inUse, err := parseLeaseReply(reply)
 	if err != nil {
-		return bucket.LeaseDecision{}, fmt.Errorf("redisstore: acquire: %w", err)
+		return bucket.LeaseDecision{}, fmt.Errorf("redisstore: acquire: %w: %w", bucket.ErrOutcomeUnknown, err)
 	}
 	return bucket.LeaseDecision{Acquired: acquired, InUse: inUse, Limit: req.Limit}, nil
 }
 
-// parseLeaseReply checks lease.lua's reply to "acquire": {acquired (0 or
-// 1), in_use (>= acquired)}.
-func parseLeaseReply(reply []any) (acquired bool, inUse int, err error) {
+// parseLeaseReply checks batch.lua's reply to "acquire" (or "release"):
+// {acquired (0 or 1), in_use (>= acquired)}.
+func parseLeaseReply(r any) (acquired bool, inUse int, err error) {
+	reply, ok := r.([]any)
+	if !ok {
+		return false, 0, fmt.Errorf("malformed script reply: %T, want an array", r)
+	}
 	if len(reply) != 2 {
 		return false, 0, fmt.Errorf("malformed script reply: %d elements, want 2", len(reply))
 	}
@@ -307,12 +383,14 @@ func parseLeaseReply(reply []any) (acquired bool, inUse int, err error) {
 }
 
 // Release implements [bucket.LeaseStore]: it removes the lease id of
-// (subject, name), if there is one, and Redis deletes the lease set once it
-// is empty.
+// (subject, name), if there is one, in one script run batched like
+// [Store.Take], and Redis deletes the lease set once it is empty.
 //
 // Release returns an error wrapping [bucket.ErrInvalidRequest] for
-// malformed arguments, and otherwise an error only when Redis failed, in
-// which case the lease may still be held until its TTL passes.
+// malformed arguments, and otherwise an error only when the call failed,
+// wrapping [bucket.ErrNotApplied] or [bucket.ErrOutcomeUnknown] by the
+// rules of [Store.Take]; the lease may then still be held until its TTL
+// passes, and releasing it again is safe.
 func (s *Store) Release(ctx context.Context, subject, name, id string) error {
 	if err := bucket.ValidateLease(subject, name, id); err != nil {
 		return err
@@ -320,20 +398,31 @@ func (s *Store) Release(ctx context.Context, subject, name, id string) error {
 	if err := s.ready(ctx); err != nil {
 		return fmt.Errorf("redisstore: release: %w", err)
 	}
-	keys := []string{leaseKey(s.prefix, escape(subject), escape(name))}
-	if err := leaseScript.Run(ctx, s.client, keys, "release", s.nowArg(), escape(id)).Err(); err != nil {
+	o := &op{tag: escape(subject)}
+	o.keys = append(o.keyBuf[:0], leaseKey(s.prefix, o.tag, escape(name)))
+	o.arg = "release " + escape(id)
+	reply, err := s.do(ctx, o)
+	if err != nil {
 		return fmt.Errorf("redisstore: release: %w", err)
+	}
+	if _, _, err := parseLeaseReply(reply); err != nil {
+		return fmt.Errorf("redisstore: release: %w: %w", bucket.ErrOutcomeUnknown, err)
 	}
 	return nil
 }
 
-// ready reports why s cannot run a script now, if it cannot.
+// ready reports why s cannot queue an operation now, if it cannot; either
+// way nothing was sent.
 func (s *Store) ready(ctx context.Context) error {
 	if s == nil || s.client == nil {
-		return errors.New("Store has no Redis client (use New)")
+		return fmt.Errorf("%w: %w", bucket.ErrNotApplied, errors.New("Store has no Redis client (use New)"))
 	}
-	return ctx.Err()
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("%w: %w", bucket.ErrNotApplied, err)
+	}
+	return nil
 }
 
-// formatFloat formats f so that Lua's tonumber reads back exactly f.
-func formatFloat(f float64) string { return strconv.FormatFloat(f, 'g', -1, 64) }
+// appendFloat appends f formatted so that Lua's tonumber reads back
+// exactly f.
+func appendFloat(b []byte, f float64) []byte { return strconv.AppendFloat(b, f, 'g', -1, 64) }

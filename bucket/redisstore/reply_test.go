@@ -11,7 +11,7 @@ func TestParseReply(t *testing.T) {
 	t.Parallel()
 	for _, tc := range []struct {
 		name        string
-		reply       []any
+		reply       any
 		n           int
 		wantVerdict verdict
 		wantLevels  []float64
@@ -30,6 +30,8 @@ func TestParseReply(t *testing.T) {
 		{name: "level not a number", reply: []any{int64(1), "1", "x"}, n: 2, wantErr: `level 1 is "x"`},
 		{name: "level NaN", reply: []any{int64(1), "nan"}, n: 1, wantErr: `level 0 is "nan"`},
 		{name: "level nil", reply: []any{int64(0), nil}, n: 1, wantErr: "level 0 is <nil>"},
+		{name: "not an array", reply: "OK", n: 1, wantErr: "string, want an array"},
+		{name: "nil", reply: nil, n: 1, wantErr: "<nil>, want an array"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
@@ -62,7 +64,7 @@ func TestParseLeaseReply(t *testing.T) {
 	t.Parallel()
 	for _, tc := range []struct {
 		name         string
-		reply        []any
+		reply        any
 		wantAcquired bool
 		wantInUse    int
 		wantErr      string
@@ -78,6 +80,7 @@ func TestParseLeaseReply(t *testing.T) {
 		{name: "acquired but none in use", reply: []any{int64(1), int64(0)}, wantErr: "in-use count is int64 0"},
 		{name: "negative count", reply: []any{int64(0), int64(-1)}, wantErr: "in-use count is int64 -1"},
 		{name: "nil count", reply: []any{int64(0), nil}, wantErr: "in-use count is <nil>"},
+		{name: "not an array", reply: int64(1), wantErr: "int64, want an array"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()

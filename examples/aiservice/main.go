@@ -23,8 +23,6 @@ import (
 	"syscall"
 	"time"
 
-	"connectrpc.com/connect"
-
 	aiservicev1 "github.com/connectlimit/connectlimit/examples/aiservice/gen/aiservice/v1"
 	"github.com/connectlimit/connectlimit/examples/aiservice/gen/aiservice/v1/aiservicev1connect"
 	"github.com/connectlimit/connectlimit/examples/aiservice/llm"
@@ -39,8 +37,11 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if err := run(ctx, os.Args[1:], os.Stderr, nil); err != nil {
-		fmt.Fprintln(os.Stderr, "aiservice:", err)
 		stop()
+		if errors.Is(err, flag.ErrHelp) {
+			return // -h printed the usage
+		}
+		fmt.Fprintln(os.Stderr, "aiservice:", err)
 		os.Exit(1)
 	}
 }
@@ -80,7 +81,7 @@ func run(ctx context.Context, args []string, stderr io.Writer, ready func(addr s
 	}
 	defer srv.Close()
 	svc := service.New(llm.New(llm.WithChunkDelay(*chunkDelay)))
-	srv.Handle(aiservicev1connect.NewAIServiceHandler(svc, connect.WithInterceptors(srv.Interceptor())))
+	srv.Handle(aiservicev1connect.NewAIServiceHandler(svc, srv.HandlerOptions()))
 
 	var lc net.ListenConfig
 	ln, err := lc.Listen(ctx, "tcp", *addr)

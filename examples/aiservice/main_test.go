@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"errors"
+	"flag"
 	"io"
 	"maps"
 	"math"
@@ -38,18 +39,22 @@ func start(t *testing.T, args ...string) *example {
 	ctx, cancel := context.WithCancel(context.Background())
 	addrc := make(chan string, 1)
 	done := make(chan error, 1)
-	// The built-in configuration, failing closed with a long store timeout:
-	// on a busy test machine a slow store must fail the test, never let
-	// calls through uncharged.
+	// The built-in configuration, failing closed with a long store timeout
+	// (its leases of 30s allow up to 3s): on a busy test machine a slow
+	// store must fail the test, never let calls through uncharged.
 	config := filepath.Join(t.TempDir(), "config.yaml")
-	if err := os.WriteFile(config, append(slices.Clone(defaultConfig), "\nfailure_policy: closed\nstore_timeout: 10s\n"...), 0o600); err != nil {
+	if err := os.WriteFile(config, append(slices.Clone(defaultConfig), "\nfailure_policy: closed\nstore_timeout: 3s\n"...), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	go func() {
 		done <- run(ctx, append([]string{"-addr", "127.0.0.1:0", "-chunk-delay", "0", "-config", config}, args...), io.Discard, func(a string) { addrc <- a })
 	}()
+	var exited bool // run's result was already received
 	t.Cleanup(func() {
 		cancel()
+		if exited {
+			return
+		}
 		if err := <-done; err != nil {
 			t.Errorf("run: %v", err)
 		}
@@ -61,6 +66,7 @@ func start(t *testing.T, args ...string) *example {
 			quota: connectlimitv1connect.NewQuotaServiceClient(http.DefaultClient, "http://"+addr),
 		}
 	case err := <-done:
+		exited = true
 		t.Fatalf("run exited early: %v", err)
 	case <-time.After(30 * time.Second):
 		t.Fatal("server did not start in 30s")
@@ -497,5 +503,21 @@ func TestBadFlagsAndConfig(t *testing.T) {
 				t.Fatalf("run error = %v, want one mentioning %q", err, tc.wantIn)
 			}
 		})
+	}
+}
+
+// TestHelp checks that -h prints the flags and is not an error: main exits
+// 0 for it.
+func TestHelp(t *testing.T) {
+	t.Parallel()
+	var out strings.Builder
+	err := run(t.Context(), []string{"-h"}, &out, nil)
+	if !errors.Is(err, flag.ErrHelp) {
+		t.Fatalf("run(-h) = %v, want flag.ErrHelp, which main treats as success", err)
+	}
+	for _, name := range []string{"-addr", "-redis", "-config", "-chunk-delay"} {
+		if !strings.Contains(out.String(), name) {
+			t.Errorf("usage does not mention %s:\n%s", name, out.String())
+		}
 	}
 }

@@ -19,11 +19,12 @@ const module = "github.com/connectlimit/connectlimit"
 var allowed = map[string][]string{
 	"bucket":            {},
 	"bucket/memstore":   {module + "/bucket"},
+	"bucket/breaker":    {module + "/bucket"},
 	"bucket/buckettest": {module + "/bucket"},
 	"bucket/redisstore": {module + "/bucket", "github.com/redis/go-redis/v9"},
 	"costmap":           {module + "/bucket", module + "/proto/connectlimit/v1", "google.golang.org/protobuf/", "go.yaml.in/yaml/v3", "cel.dev/cel-go/"},
 	"interceptor": {
-		module + "/bucket", module + "/costmap", module + "/proto/connectlimit/v1", module + "/proto/connectlimit/v1/connectlimitv1connect",
+		module + "/bucket", module + "/bucket/breaker", module + "/costmap", module + "/proto/connectlimit/v1", module + "/proto/connectlimit/v1/connectlimitv1connect",
 		"connectrpc.com/connect", "connectrpc.com/authn",
 		"google.golang.org/genproto/googleapis/rpc/errdetails", "google.golang.org/protobuf/",
 	},

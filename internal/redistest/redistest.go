@@ -22,6 +22,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -77,20 +78,37 @@ func WithStartTimeout(d time.Duration) Option {
 	return optionFunc(func(c *config) { c.startTimeout = d })
 }
 
-// Server is one redis-server process started by [Start]. Its methods are
+// Server is one redis-server started by [Start], on a fixed address and
+// directory. [Server.Restart] replaces its process by a new one with the same
+// command line; every method then refers to the new process. Its methods are
 // safe for concurrent use.
 type Server struct {
-	addr    string
-	port    int
-	busPort int
-	dir     string
-	logPath string
-	cmd     *exec.Cmd
-	// done is closed once the process has exited and been reaped.
-	done chan struct{}
+	addr         string
+	port         int
+	busPort      int
+	dir          string
+	bin          string
+	args         []string
+	startTimeout time.Duration
 
+	// proc is the current process. It is replaced only by Restart, with mu
+	// held, so that readers (PID, Log, Done) need no lock and never wait
+	// for a Restart to finish.
+	proc atomic.Pointer[process]
+
+	// mu serialises the methods that signal or replace the process.
 	mu     sync.Mutex
 	resume *time.Timer
+	// launches counts the processes started in dir, to name their logs.
+	launches int
+}
+
+// process is one redis-server process of a [Server].
+type process struct {
+	cmd     *exec.Cmd
+	logPath string
+	// done is closed once the process has exited and been reaped.
+	done chan struct{}
 }
 
 // Start starts a redis-server on a free 127.0.0.1 port, waits until it
@@ -114,7 +132,7 @@ func start(tb testing.TB, cfg config) *Server {
 			tb.Fatalf("redistest: %v", err)
 		}
 		tb.Cleanup(s.cleanup)
-		err = s.waitReady(cfg.startTimeout)
+		err = s.proc.Load().waitReady(s.addr, s.startTimeout)
 		if err == nil {
 			return s
 		}
@@ -137,19 +155,23 @@ func lookPath(tb testing.TB, name string) string {
 	return p
 }
 
-// launch starts the process without waiting for it to be ready.
+// launch picks free ports and starts the process without waiting for it to
+// be ready. attempt numbers its log, so that a retry on new ports keeps the
+// log of the failed attempt.
 func launch(bin, dir string, attempt int, cfg config) (*Server, error) {
 	ports, err := freePorts(1 + boolInt(cfg.busPort))
 	if err != nil {
 		return nil, err
 	}
 	s := &Server{
-		port: ports[0],
-		addr: net.JoinHostPort("127.0.0.1", strconv.Itoa(ports[0])),
-		dir:  dir,
-		done: make(chan struct{}),
+		port:         ports[0],
+		addr:         net.JoinHostPort("127.0.0.1", strconv.Itoa(ports[0])),
+		dir:          dir,
+		bin:          bin,
+		startTimeout: cfg.startTimeout,
+		launches:     attempt,
 	}
-	args := []string{
+	s.args = []string{
 		"--port", strconv.Itoa(s.port),
 		"--bind", "127.0.0.1",
 		"--daemonize", "no",
@@ -160,31 +182,47 @@ func launch(bin, dir string, attempt int, cfg config) (*Server, error) {
 	}
 	if cfg.busPort {
 		s.busPort = ports[1]
-		args = append(args, "--cluster-port", strconv.Itoa(s.busPort))
+		s.args = append(s.args, "--cluster-port", strconv.Itoa(s.busPort))
 	}
-	args = append(args, cfg.args...)
-	s.logPath = filepath.Join(dir, fmt.Sprintf("redis-%d.log", attempt))
-	logFile, err := os.Create(s.logPath)
+	s.args = append(s.args, cfg.args...)
+	p, err := s.spawnLocked()
+	if err != nil {
+		return nil, err
+	}
+	s.proc.Store(p)
+	return s, nil
+}
+
+// spawnLocked starts a process with the server's command line and a log of
+// its own, without waiting for it to be ready. It needs mu held, or s not
+// yet shared.
+func (s *Server) spawnLocked() (*process, error) {
+	p := &process{
+		logPath: filepath.Join(s.dir, fmt.Sprintf("redis-%d.log", s.launches)),
+		done:    make(chan struct{}),
+	}
+	s.launches++
+	logFile, err := os.Create(p.logPath)
 	if err != nil {
 		return nil, fmt.Errorf("creating the server log: %w", err)
 	}
 	// The test binary owns the process: no context, so that it lives until
 	// the cleanup (not until some caller's context ends).
-	s.cmd = exec.Command(bin, args...) //nolint:noctx // lifetime is managed by PID
-	s.cmd.Dir = dir
-	s.cmd.Stdout = logFile
-	s.cmd.Stderr = logFile
-	s.cmd.SysProcAttr = sysProcAttr()
-	if err := s.cmd.Start(); err != nil {
+	p.cmd = exec.Command(s.bin, s.args...) //nolint:noctx // lifetime is managed by PID
+	p.cmd.Dir = s.dir
+	p.cmd.Stdout = logFile
+	p.cmd.Stderr = logFile
+	p.cmd.SysProcAttr = sysProcAttr()
+	if err := p.cmd.Start(); err != nil {
 		_ = logFile.Close()
-		return nil, fmt.Errorf("starting %s: %w", bin, err)
+		return nil, fmt.Errorf("starting %s: %w", s.bin, err)
 	}
 	go func() {
-		_ = s.cmd.Wait()
+		_ = p.cmd.Wait()
 		_ = logFile.Close()
-		close(s.done)
+		close(p.done)
 	}()
-	return s, nil
+	return p, nil
 }
 
 func boolInt(b bool) int {
@@ -214,24 +252,35 @@ func freePorts(n int) ([]int, error) {
 	return ports, nil
 }
 
-// waitReady polls PING until the server answers, exits, or timeout passes.
-func (s *Server) waitReady(timeout time.Duration) error {
+// waitReady polls PING on addr until the process answers, exits, or timeout
+// passes.
+func (p *process) waitReady(addr string, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
 	var err error
 	for {
 		select {
-		case <-s.done:
-			return fmt.Errorf("redis-server on %s exited before answering PING (%s); its log:\n%s", s.addr, s.cmd.ProcessState, s.Log())
+		case <-p.done:
+			return fmt.Errorf("redis-server on %s exited before answering PING (%s); its log:\n%s", addr, p.cmd.ProcessState, p.log())
 		default:
 		}
-		if err = ping(s.addr, 200*time.Millisecond); err == nil {
+		if err = ping(addr, 200*time.Millisecond); err == nil {
 			return nil
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("redis-server on %s (pid %d) did not answer PING within %v: %w; its log:\n%s", s.addr, s.PID(), timeout, err, s.Log())
+			return fmt.Errorf("redis-server on %s (pid %d) did not answer PING within %v: %w; its log:\n%s", addr, p.pid(), timeout, err, p.log())
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+func (p *process) pid() int { return p.cmd.Process.Pid }
+
+func (p *process) log() string {
+	b, err := os.ReadFile(p.logPath)
+	if err != nil {
+		return fmt.Sprintf("(log unreadable: %v)", err)
+	}
+	return string(b)
 }
 
 // ping sends one inline PING and expects +PONG.
@@ -257,27 +306,26 @@ func ping(addr string, timeout time.Duration) error {
 	return nil
 }
 
-// Addr returns the server's address, "127.0.0.1:port".
+// Addr returns the server's address, "127.0.0.1:port". It stays the same
+// across [Server.Restart].
 func (s *Server) Addr() string { return s.addr }
 
-// PID returns the server's process id.
-func (s *Server) PID() int { return s.cmd.Process.Pid }
+// PID returns the process id of the server's current process: after
+// [Server.Restart], that of the new process.
+func (s *Server) PID() int { return s.proc.Load().pid() }
 
 // Dir returns the server's working directory, a temporary directory of the
-// test that started it.
+// test that started it. It stays the same across [Server.Restart].
 func (s *Server) Dir() string { return s.dir }
 
-// Log returns what the server has logged so far.
-func (s *Server) Log() string {
-	b, err := os.ReadFile(s.logPath)
-	if err != nil {
-		return fmt.Sprintf("(log unreadable: %v)", err)
-	}
-	return string(b)
-}
+// Log returns what the server's current process has logged so far; after
+// [Server.Restart], only what the new process logged.
+func (s *Server) Log() string { return s.proc.Load().log() }
 
-// Done returns a channel that is closed once the server process has exited.
-func (s *Server) Done() <-chan struct{} { return s.done }
+// Done returns a channel that is closed once the server's current process
+// has exited. After [Server.Restart], it returns a new channel for the new
+// process; channels returned before stay closed.
+func (s *Server) Done() <-chan struct{} { return s.proc.Load().done }
 
 // NewClient returns a client of the server, closed when tb ends. Each
 // configure function may change the options (timeouts, retries) before the
@@ -303,13 +351,44 @@ func (s *Server) Kill() error {
 
 func (s *Server) killLocked() error {
 	s.cancelResumeLocked()
+	p := s.proc.Load()
 	// A stopped process dies of SIGKILL too, but continue it first so that
 	// nothing is left waiting on it.
-	_ = s.signal(sigCont)
-	if err := s.cmd.Process.Kill(); err != nil && !errors.Is(err, os.ErrProcessDone) {
-		return fmt.Errorf("redistest: killing pid %d: %w", s.PID(), err)
+	_ = p.signal(sigCont)
+	if err := p.cmd.Process.Kill(); err != nil && !errors.Is(err, os.ErrProcessDone) {
+		return fmt.Errorf("redistest: killing pid %d: %w", p.pid(), err)
 	}
-	<-s.done
+	<-p.done
+	return nil
+}
+
+// Restart replaces the server's process, like a crash and a restart by a
+// supervisor: it kills the running process (if any) with SIGKILL and reaps
+// it, starts a new redis-server on the same port and directory with the
+// same arguments, and waits until it answers PING, for at most the start
+// timeout. Since the server persists nothing, the new process starts
+// empty; a node of a [Cluster] keeps its nodes.conf, so it rejoins its
+// cluster as the same node. Afterwards PID, Log, Done, Kill, Stop, Pause,
+// Resume and the test's cleanup all refer to the new process; clients of
+// Addr reconnect to it. A pending resume of [Server.Pause] is cancelled.
+//
+// Restart fails if the new process does not come up, e.g. because another
+// process took the port meanwhile; the error includes the new process's
+// log.
+func (s *Server) Restart() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.killLocked(); err != nil {
+		return err
+	}
+	p, err := s.spawnLocked()
+	if err != nil {
+		return fmt.Errorf("redistest: restarting the server on %s: %w", s.addr, err)
+	}
+	s.proc.Store(p)
+	if err := p.waitReady(s.addr, s.startTimeout); err != nil {
+		return fmt.Errorf("redistest: restarting the server: %w", err)
+	}
 	return nil
 }
 
@@ -320,15 +399,16 @@ func (s *Server) Stop() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.cancelResumeLocked()
-	_ = s.signal(sigCont)
-	if err := s.signal(sigTerm); err != nil {
+	p := s.proc.Load()
+	_ = p.signal(sigCont)
+	if err := p.signal(sigTerm); err != nil {
 		if errors.Is(err, os.ErrProcessDone) {
 			return nil
 		}
-		return fmt.Errorf("redistest: stopping pid %d: %w", s.PID(), err)
+		return fmt.Errorf("redistest: stopping pid %d: %w", p.pid(), err)
 	}
 	select {
-	case <-s.done:
+	case <-p.done:
 		return nil
 	case <-time.After(stopTimeout):
 		return s.killLocked()
@@ -343,8 +423,9 @@ func (s *Server) Pause(d time.Duration) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.cancelResumeLocked()
-	if err := s.signal(sigStop); err != nil {
-		return fmt.Errorf("redistest: pausing pid %d: %w", s.PID(), err)
+	p := s.proc.Load()
+	if err := p.signal(sigStop); err != nil {
+		return fmt.Errorf("redistest: pausing pid %d: %w", p.pid(), err)
 	}
 	if d > 0 {
 		s.resume = time.AfterFunc(d, func() { _ = s.Resume() })
@@ -358,8 +439,9 @@ func (s *Server) Resume() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.cancelResumeLocked()
-	if err := s.signal(sigCont); err != nil && !errors.Is(err, os.ErrProcessDone) {
-		return fmt.Errorf("redistest: resuming pid %d: %w", s.PID(), err)
+	p := s.proc.Load()
+	if err := p.signal(sigCont); err != nil && !errors.Is(err, os.ErrProcessDone) {
+		return fmt.Errorf("redistest: resuming pid %d: %w", p.pid(), err)
 	}
 	return nil
 }
@@ -371,16 +453,16 @@ func (s *Server) cancelResumeLocked() {
 	}
 }
 
-func (s *Server) signal(sig os.Signal) error {
+func (p *process) signal(sig os.Signal) error {
 	if sig == nil {
 		return errors.ErrUnsupported
 	}
 	select {
-	case <-s.done:
+	case <-p.done:
 		return os.ErrProcessDone
 	default:
 	}
-	return s.cmd.Process.Signal(sig)
+	return p.cmd.Process.Signal(sig)
 }
 
 // cleanup kills the server; it runs when the test ends.

@@ -7,8 +7,10 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"runtime"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -198,4 +200,145 @@ type fatalRecorder struct {
 func (f *fatalRecorder) Fatalf(format string, args ...any) {
 	f.msg = fmt.Sprintf(format, args...)
 	runtime.Goexit()
+}
+
+func TestRestart(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name   string
+		before func(*redistest.Server) error
+	}{
+		{"WhileRunning", func(*redistest.Server) error { return nil }},
+		{"AfterKill", (*redistest.Server).Kill},
+		{"AfterStop", (*redistest.Server).Stop},
+		{"WhilePaused", func(s *redistest.Server) error { return s.Pause(0) }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			s := redistest.Start(t)
+			c := s.NewClient(t)
+			if err := c.Set(t.Context(), "k", "v", 0).Err(); err != nil {
+				t.Fatal(err)
+			}
+			addr, oldPID, oldDone := s.Addr(), s.PID(), s.Done()
+			if err := tc.before(s); err != nil {
+				t.Fatal(err)
+			}
+			if err := s.Restart(); err != nil {
+				t.Fatal(err)
+			}
+			if s.Addr() != addr || s.PID() == oldPID {
+				t.Fatalf("after Restart: %s pid %d, want %s and a pid other than %d", s.Addr(), s.PID(), addr, oldPID)
+			}
+			// The old process was killed and reaped.
+			select {
+			case <-oldDone:
+			default:
+				t.Error("the old process's Done() is still open")
+			}
+			if err := syscall.Kill(oldPID, 0); !errors.Is(err, syscall.ESRCH) {
+				t.Errorf("kill(%d, 0) = %v, want ESRCH", oldPID, err)
+			}
+			select {
+			case <-s.Done():
+				t.Fatal("Done() is closed after Restart")
+			default:
+			}
+			// Redis starts each log line with "pid:role"; Log shows the
+			// new process only.
+			if log := s.Log(); !strings.Contains(log, fmt.Sprintf("%d:M", s.PID())) || strings.Contains(log, fmt.Sprintf("%d:M", oldPID)) {
+				t.Errorf("Log() is not the new process's log:\n%s", log)
+			}
+			// The client reconnects by itself, to an empty server.
+			if err := c.Get(t.Context(), "k").Err(); !errors.Is(err, redis.Nil) {
+				t.Fatalf("GET k after Restart: %v, want redis.Nil (nothing persisted)", err)
+			}
+			if err := c.Set(t.Context(), "k", "w", 0).Err(); err != nil {
+				t.Fatalf("SET after Restart: %v", err)
+			}
+			// The other methods act on the new process.
+			if err := s.Pause(0); err != nil {
+				t.Fatal(err)
+			}
+			if err := s.Resume(); err != nil {
+				t.Fatal(err)
+			}
+			if err := s.Kill(); err != nil {
+				t.Fatal(err)
+			}
+			<-s.Done()
+			if err := syscall.Kill(s.PID(), 0); !errors.Is(err, syscall.ESRCH) {
+				t.Errorf("kill(%d, 0) after Kill = %v, want ESRCH", s.PID(), err)
+			}
+		})
+	}
+}
+
+func TestRestartConcurrently(t *testing.T) {
+	t.Parallel()
+	s := redistest.Start(t)
+	c := s.NewClient(t)
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for range 3 {
+		wg.Go(func() { errs <- s.Restart() })
+	}
+	wg.Go(func() { errs <- s.Kill() })
+	wg.Go(func() {
+		// Pausing a process that a concurrent Kill ended fails; that is fine.
+		if err := s.Pause(time.Millisecond); !errors.Is(err, os.ErrProcessDone) {
+			errs <- err
+		}
+	})
+	stop := make(chan struct{})
+	var readers sync.WaitGroup
+	readers.Go(func() {
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+				_, _, _ = s.PID(), s.Log(), s.Done()
+			}
+		}
+	})
+	wg.Wait()
+	close(stop)
+	readers.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Error(err)
+		}
+	}
+	// Whatever the order, a final Restart leaves one answering server.
+	if err := s.Restart(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Ping(t.Context()).Err(); err != nil {
+		t.Fatalf("PING after the restarts: %v", err)
+	}
+}
+
+func TestRestartClusterNode(t *testing.T) {
+	t.Parallel()
+	cl := redistest.StartCluster(t)
+	n := cl.Nodes()[0]
+	if err := n.Restart(); err != nil {
+		t.Fatal(err)
+	}
+	// The node keeps its nodes.conf (the directory survives), so it rejoins
+	// the cluster with its identity.
+	c := n.NewClient(t)
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		info, err := c.ClusterInfo(t.Context()).Result()
+		if err == nil && strings.Contains(info, "cluster_state:ok") && strings.Contains(info, "cluster_known_nodes:6") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("restarted node did not rejoin: %q, %v", info, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }

@@ -1,0 +1,376 @@
+package redisstore
+
+import (
+	"context"
+	_ "embed" // for batch.lua
+	"errors"
+	"fmt"
+	"net"
+	"strconv"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/connectlimit/connectlimit/bucket"
+)
+
+//go:embed batch.lua
+var batchSource string
+
+// batchScript is the one script every Store runs. [redis.Script.Run] tries
+// EVALSHA with its digest and falls back to EVAL (which also caches it) if
+// the server answers NOSCRIPT, e.g. after a restart or SCRIPT FLUSH; in a
+// pipeline the Store does the same itself (see [Store.pipeline]).
+var batchScript = redis.NewScript(batchSource)
+
+// opState is where an operation is in its life. [Store.mu] guards it.
+type opState uint8
+
+const (
+	// queued: waiting in the Store's queue, never handed to the client.
+	queued opState = iota
+	// sent: in a batch handed to the client, not yet answered.
+	sent
+	// done: answered (reply or err is set) and done is closed.
+	done
+	// abandoned: its caller stopped waiting; any answer is discarded.
+	abandoned
+)
+
+// op is one Take, Acquire or Release: what batch.lua needs to run it, and
+// the channel its caller waits on.
+type op struct {
+	// tag is the escaped subject, the hash tag of every key of the
+	// operation. keys and arg are its part of batch.lua's KEYS and ARGV.
+	// All three are set before the operation is queued and never change.
+	tag  string
+	keys []string
+	arg  string
+	// keyBuf backs keys for operations of up to four keys, so that the
+	// common ones cost no allocation for them.
+	keyBuf [4]string
+
+	// state is guarded by Store.mu. reply and err are written under it,
+	// before state becomes done and done is closed, and read after.
+	state opState
+	reply any
+	err   error
+	done  chan struct{}
+}
+
+// do queues o, starts a batch if fewer than maxInFlight are in flight, and
+// waits until o is answered or ctx ends. It returns batch.lua's reply to o,
+// or an error that wraps [bucket.ErrNotApplied] or
+// [bucket.ErrOutcomeUnknown].
+func (s *Store) do(ctx context.Context, o *op) (any, error) {
+	o.done = make(chan struct{})
+	s.mu.Lock()
+	s.queue = append(s.queue, o)
+	var batch []*op
+	if s.inFlight < maxInFlight {
+		// Light traffic: o goes at once, alone or with whatever queued
+		// while the last batches were in flight.
+		s.inFlight++
+		batch = s.takeLocked()
+	}
+	s.mu.Unlock()
+	if batch != nil {
+		go s.run(batch)
+	}
+
+	select {
+	case <-o.done:
+	case <-ctx.Done():
+		s.mu.Lock()
+		state := o.state
+		if state != done {
+			o.state = abandoned
+		}
+		s.mu.Unlock()
+		switch state {
+		case queued:
+			// takeLocked skips it, so it will never be sent.
+			return nil, fmt.Errorf("%w: the context ended while the request waited for its turn: %w", bucket.ErrNotApplied, ctx.Err())
+		case sent:
+			return nil, fmt.Errorf("%w: the context ended while the request was in flight: %w", bucket.ErrOutcomeUnknown, ctx.Err())
+		}
+	}
+	if o.err != nil {
+		return nil, o.err
+	}
+	if err, ok := o.reply.(redis.Error); ok {
+		// batch.lua failed this operation alone, before it wrote anything;
+		// the server is fine.
+		return nil, fmt.Errorf("%w: %w: %w", bucket.ErrNotApplied, bucket.ErrRejected, err)
+	}
+	return o.reply, nil
+}
+
+// takeLocked removes from the queue and returns the next batch: the oldest
+// operations still queued, at most maxBatch of them, marked sent. It drops
+// abandoned operations on the way. s.mu must be held.
+func (s *Store) takeLocked() []*op {
+	batch := make([]*op, 0, min(len(s.queue), s.maxBatch))
+	i := 0
+	for ; i < len(s.queue) && len(batch) < s.maxBatch; i++ {
+		o := s.queue[i]
+		if o.state != queued {
+			continue
+		}
+		o.state = sent
+		batch = append(batch, o)
+	}
+	n := copy(s.queue, s.queue[i:])
+	clear(s.queue[n:])
+	s.queue = s.queue[:n]
+	return batch
+}
+
+// run sends batch, then the batches that queued meanwhile, until the queue
+// is empty. It runs on a goroutine of its own, which exists only while
+// there is work, so an idle Store has no goroutine and needs no Close.
+func (s *Store) run(batch []*op) {
+	for {
+		s.send(batch)
+		s.mu.Lock()
+		batch = s.takeLocked()
+		if len(batch) == 0 {
+			s.inFlight--
+			s.mu.Unlock()
+			return
+		}
+		s.mu.Unlock()
+	}
+}
+
+// send runs one batch, under a deadline of its own, and answers every
+// operation of it.
+func (s *Store) send(batch []*op) {
+	// The batch's deadline is independent of its callers': each of them
+	// stops waiting when its own context ends (see do), while the batch
+	// goes on for the others.
+	ctx, cancel := context.WithTimeout(context.Background(), s.timeout)
+	defer cancel()
+	// A client that honours the deadline answers by then, with an error
+	// that says what happened (a refused dial is not a lost reply). One
+	// that does not (no ContextTimeoutEnabled) may keep reading until its
+	// ReadTimeout; answer its callers half a timeout after the deadline
+	// anyway: their batch was handed over, so its outcome is unknown.
+	late := time.AfterFunc(s.timeout+s.timeout/2, func() {
+		s.answer(batch, nil, fmt.Errorf("%w: no reply within %v: %w", bucket.ErrOutcomeUnknown, s.timeout, context.DeadlineExceeded))
+	})
+	defer late.Stop()
+
+	now := s.nowArg()
+	if s.routing == routeOne {
+		g := newGroup(batch, now)
+		g.cmd = batchScript.Run(ctx, s.client, g.keys, g.args...)
+		replies, err := s.result(g.cmd, len(batch))
+		s.answer(batch, replies, err)
+		return
+	}
+	groups := s.groups(batch, now)
+	s.pipeline(ctx, groups)
+	for _, g := range groups {
+		replies, err := s.result(g.cmd, len(g.ops))
+		s.answer(g.ops, replies, err)
+	}
+}
+
+// answer delivers replies[i] (or err, if it is not nil) to ops[i], for
+// every operation still waiting for it.
+func (s *Store) answer(ops []*op, replies []any, err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for i, o := range ops {
+		if o.state != sent {
+			continue
+		}
+		if err != nil {
+			o.err = err
+		} else {
+			o.reply = replies[i]
+		}
+		o.state = done
+		close(o.done)
+	}
+}
+
+// result returns the replies of one script call for n operations, or the
+// error every one of them gets.
+func (s *Store) result(cmd *redis.Cmd, n int) ([]any, error) {
+	if err := cmd.Err(); err != nil {
+		return nil, s.failure(err)
+	}
+	replies, err := cmd.Slice()
+	if err != nil {
+		return nil, fmt.Errorf("%w: malformed script reply: %w", bucket.ErrOutcomeUnknown, err)
+	}
+	if len(replies) != n {
+		return nil, fmt.Errorf("%w: malformed script reply: %d elements for %d operations", bucket.ErrOutcomeUnknown, len(replies), n)
+	}
+	return replies, nil
+}
+
+// failure classifies an error of the client as [bucket.ErrNotApplied] or
+// [bucket.ErrOutcomeUnknown] (see [Store.Take]), keeping err in the chain.
+func (s *Store) failure(err error) error {
+	if s.oneAttempt && refused(err) {
+		return fmt.Errorf("%w: %w", bucket.ErrNotApplied, err)
+	}
+	return fmt.Errorf("%w: %w", bucket.ErrOutcomeUnknown, err)
+}
+
+// refused reports whether err proves that the attempt that returned it
+// changed nothing: the client failed before sending (it could not dial,
+// had no connection to spare, or was closed), or the server answered with
+// an error, which batch.lua returns only before it writes (and Redis
+// refuses a script, for OOM, LOADING or a wrong slot, only before it runs).
+// A lost reply (a timeout, a reset connection, EOF) or a malformed one
+// proves nothing.
+func refused(err error) bool {
+	var rerr redis.Error
+	var oerr *net.OpError
+	switch {
+	case errors.As(err, &rerr):
+		return true
+	case errors.Is(err, redis.ErrPoolTimeout), errors.Is(err, redis.ErrPoolExhausted), errors.Is(err, redis.ErrClosed):
+		return true
+	case errors.As(err, &oerr) && oerr.Op == "dial":
+		return true
+	}
+	return false
+}
+
+// routing says how a Store splits a batch into script calls.
+type routing uint8
+
+const (
+	// routeOne sends the whole batch as one script call: the client is a
+	// *redis.Client, one server (or Sentinel's current master) holding
+	// every key.
+	routeOne routing = iota
+	// routeSlot sends one script call per Cluster hash slot, so that each
+	// call's keys are in one slot, all in one pipeline.
+	routeSlot
+	// routeTag sends one script call per hash tag (subject), all in one
+	// pipeline: a *redis.Ring places keys by their hash tag, not by slot,
+	// so two subjects of one slot may live on different shards, and an
+	// unknown client may do either.
+	routeTag
+)
+
+// group is the part of a batch that goes to Redis as one script call.
+type group struct {
+	ops  []*op
+	keys []string
+	args []any
+	cmd  *redis.Cmd
+}
+
+// newGroup returns the script call of ops, in order, at the present now
+// (see nowArg).
+func newGroup(ops []*op, now string) *group {
+	n := 0
+	for _, o := range ops {
+		n += len(o.keys)
+	}
+	g := &group{ops: ops, keys: make([]string, 0, n), args: make([]any, 0, 1+len(ops))}
+	g.args = append(g.args, now)
+	for _, o := range ops {
+		g.keys = append(g.keys, o.keys...)
+		g.args = append(g.args, o.arg)
+	}
+	return g
+}
+
+// groups splits batch by hash slot or by hash tag, as s.routing says,
+// keeping the order of the operations within each group: only operations
+// of one slot (or tag) can touch the same keys, so only their order
+// matters.
+func (s *Store) groups(batch []*op, now string) []*group {
+	if len(batch) == 1 {
+		return []*group{newGroup(batch, now)}
+	}
+	var bySlot map[uint16]int
+	var byTag map[string]int
+	if s.routing == routeSlot {
+		bySlot = make(map[uint16]int)
+	} else {
+		byTag = make(map[string]int)
+	}
+	var parts [][]*op
+	for _, o := range batch {
+		var i int
+		var ok bool
+		if bySlot != nil {
+			sl := slot(o.tag)
+			if i, ok = bySlot[sl]; !ok {
+				i = len(parts)
+				bySlot[sl] = i
+			}
+		} else if i, ok = byTag[o.tag]; !ok {
+			i = len(parts)
+			byTag[o.tag] = i
+		}
+		if !ok {
+			parts = append(parts, nil)
+		}
+		parts[i] = append(parts[i], o)
+	}
+	groups := make([]*group, len(parts))
+	for i, ops := range parts {
+		groups[i] = newGroup(ops, now)
+	}
+	return groups
+}
+
+// pipeline runs every group's script call in one pipeline, so that each
+// node gets one round trip, with EVALSHA; then it runs again, with EVAL,
+// the calls that failed with NOSCRIPT (which were not executed), as
+// [redis.Script.Run] does for a single call. It leaves each group's
+// outcome in its cmd.
+func (s *Store) pipeline(ctx context.Context, groups []*group) {
+	// The pipeline's own error is its first command's: each cmd carries
+	// its own.
+	_, _ = s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
+		for _, g := range groups {
+			g.cmd = batchScript.EvalSha(ctx, p, g.keys, g.args...)
+		}
+		return nil
+	})
+	var missing []*group
+	for _, g := range groups {
+		if err := g.cmd.Err(); err != nil && (errors.Is(err, redis.ErrNoScript) || redis.HasErrorPrefix(err, "NOSCRIPT")) {
+			missing = append(missing, g)
+		}
+	}
+	if len(missing) == 0 {
+		return
+	}
+	_, _ = s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
+		for _, g := range missing {
+			g.cmd = batchScript.Eval(ctx, p, g.keys, g.args...)
+		}
+		return nil
+	})
+}
+
+// nowArg is batch.lua's "now" argument: "" to read the server's clock, or
+// the test clock's instant in microseconds.
+func (s *Store) nowArg() string {
+	if s.now == nil {
+		return ""
+	}
+	return strconv.FormatInt(s.now().UnixMicro(), 10)
+}
+
+// ceilMicros returns d in whole microseconds, rounded up (without
+// overflowing), so that a positive duration never becomes zero.
+func ceilMicros(d time.Duration) int64 {
+	us := d / time.Microsecond
+	if d%time.Microsecond > 0 {
+		us++
+	}
+	return int64(us)
+}

@@ -1,0 +1,335 @@
+-- batch.lua applies a batch of operations, in order, on one clock reading:
+-- bucket requests (the Redis half of bucket.Decide: same refill, same
+-- tolerance, same results, all or nothing per request and at most once per
+-- request ID) and concurrency leases (the Redis half of memstore's leases:
+-- a lease is live while now < its expiry). Operations later in the batch
+-- see what earlier ones wrote, exactly as if they had been sent one by one.
+--
+-- KEYS           every operation's keys, operation after operation, in the
+--                order of ARGV. All keys of one operation share one {hash
+--                tag} (its subject); on Redis Cluster every key of a batch is
+--                in one hash slot, since the store splits batches by slot.
+-- ARGV[1]        the present in integer microseconds since the Unix epoch, or
+--                "" to read the server's clock with TIME (once, for the whole
+--                batch). Production always sends ""; only tests send an
+--                instant, and then keys get no TTL: it would run on the
+--                server's real clock, not the test's, and could end a key the
+--                test still reads.
+-- ARGV[1+i]      operation i, for i = 1..#ARGV-1: fields separated by single
+--                spaces, numbers formatted by Go's strconv.FormatFloat(f, 'g',
+--                -1, 64) or as integers. One string per operation, rather than
+--                one argument per field, keeps the client's allocations and
+--                the command's size small.
+--
+--   "take <window> <capacity_1> <rate_1> <cost_1> ... <capacity_n> <rate_n> <cost_n>"
+--   "adjust <window> ..." (the same fields)
+--                a bucket request of n >= 1 buckets in bucket.ModeTake or
+--                bucket.ModeAdjust. Its keys are the n bucket keys and, when
+--                <window> is not "-", the request ID's marker key; <window> is
+--                then the ID window in integer microseconds, > 0. Rates are in
+--                tokens per second.
+--   "acquire <limit> <ttl> <member>"
+--                acquire or renew lease <member> (an escaped lease ID, which
+--                has no spaces) if fewer than <limit> (>= 1) leases are live,
+--                for <ttl> (>= 1) microseconds. Its key is the lease set.
+--   "release <member>"
+--                release lease <member>. Its key is the lease set.
+--
+-- A bucket key holds the string "<tokens> <at>": its level in tokens (%.17g,
+-- so it round-trips exactly) at instant <at> in integer microseconds. A
+-- missing key is a full bucket. A bucket that ends full is deleted; any other
+-- gets a TTL of the time until it is full, rounded up to the millisecond, so
+-- that idle subjects cost no memory and a key never expires before it would
+-- have been full anyway.
+--
+-- A marker key holds "<expires>", the instant in integer microseconds until
+-- which its ID counts as applied. The script compares it with the present
+-- (so that a test clock sees it expire), and on the server's clock also sets
+-- the window as the key's TTL, so that the marker disappears when it no
+-- longer counts. It is written only when the request is applied.
+--
+-- A lease set is a sorted set whose members are the escaped IDs of the leases
+-- and whose scores are their expiry instants in integer microseconds. On the
+-- server's clock its TTL is the latest expiry, so that the set of a subject
+-- whose holders all died disappears on its own.
+--
+-- Returns one reply per operation, in order:
+--   take, adjust  {status, level_1, ..., level_n}: status is 1 if the charges
+--                 were written, 0 if the request was denied (nothing
+--                 written), and 2 if the request is a duplicate of one
+--                 applied within its window (nothing written); level_j is
+--                 bucket j's level refilled to the present, before this
+--                 request's charge, as a %.17g string, because Redis would
+--                 truncate a Lua number to an integer.
+--   acquire       {acquired (1 or 0), in_use}: in_use is the number of live
+--                 leases after the decision.
+--   release       {0, 0}.
+-- or, for an operation that found a key it cannot read (a malformed value,
+-- another type), an error reply in its place: that operation wrote nothing,
+-- and the others were applied as usual.
+--
+-- The whole batch fails with an error reply, before anything is written,
+-- when its arguments are malformed. Every operation reads its keys and
+-- checks them before it writes any, and no write below can fail once the
+-- first has succeeded (Redis refuses a script's writes for OOM only before
+-- its first one), so a batch is never left half-written.
+
+local function fail(msg)
+  return redis.error_reply('ERR connectlimit batch.lua: ' .. msg)
+end
+
+-- number reads a finite number, or returns nil.
+local function number(s)
+  local v = tonumber(s)
+  -- v ~= v is true only for NaN.
+  if not v or v ~= v or v == math.huge or v == -math.huge then
+    return nil
+  end
+  return v
+end
+
+local nops = #ARGV - 1
+if nops < 1 then
+  return fail('want the present and at least one operation, got ' .. #ARGV .. ' arguments')
+end
+
+local server_clock = ARGV[1] == ''
+local now
+if not server_clock then
+  now = number(ARGV[1])
+  if not now then
+    return fail('now is not a number: ' .. ARGV[1])
+  end
+end
+
+-- Parse and check every operation before running any.
+local ops = {}
+local nkeys = 0
+for i = 1, nops do
+  local f = {}
+  for w in string.gmatch(ARGV[i + 1], '%S+') do
+    f[#f + 1] = w
+  end
+  local kind = f[1]
+  local op = {kind = kind, key = nkeys + 1}
+  if kind == 'take' or kind == 'adjust' then
+    local n = (#f - 2) / 3
+    if n < 1 or n ~= math.floor(n) then
+      return fail('operation ' .. i .. ': ' .. kind .. ' wants a window and 3 numbers per bucket, got '
+        .. (#f - 1) .. ' fields')
+    end
+    if f[2] ~= '-' then
+      op.window = number(f[2])
+      if not op.window or op.window <= 0 then
+        return fail('operation ' .. i .. ': window is not a positive number: ' .. f[2])
+      end
+    end
+    op.n, op.capacity, op.rate, op.cost = n, {}, {}, {}
+    for j = 1, n do
+      local c, r, x = number(f[3 * j]), number(f[3 * j + 1]), number(f[3 * j + 2])
+      if not (c and r and x) then
+        return fail('operation ' .. i .. ': bucket ' .. j .. ': capacity, rate or cost is not a number')
+      end
+      op.capacity[j], op.rate[j], op.cost[j] = c, r, x
+    end
+    nkeys = nkeys + n
+    if op.window then
+      nkeys = nkeys + 1
+    end
+  elseif kind == 'acquire' then
+    op.limit, op.ttl, op.member = number(f[2]), number(f[3]), f[4]
+    if #f ~= 4 or not op.limit or op.limit < 1 or not op.ttl or op.ttl < 1 then
+      return fail('operation ' .. i .. ': acquire wants a limit and a ttl >= 1 and a member, got: ' .. ARGV[i + 1])
+    end
+    nkeys = nkeys + 1
+  elseif kind == 'release' then
+    op.member = f[2]
+    if #f ~= 2 then
+      return fail('operation ' .. i .. ': release wants a member, got: ' .. ARGV[i + 1])
+    end
+    nkeys = nkeys + 1
+  else
+    return fail('operation ' .. i .. ': unknown operation ' .. tostring(kind))
+  end
+  ops[i] = op
+end
+if nkeys ~= #KEYS then
+  return fail('the operations name ' .. nkeys .. ' keys, got ' .. #KEYS)
+end
+
+if server_clock then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+-- The longest TTL set, in milliseconds (about 31,700 years): beyond it PX
+-- could overflow, and a bucket that far from full may as well stay.
+local max_ttl_ms = 1e15
+
+-- read returns a string key's value, false if it is missing, or nil and an
+-- error reply if it holds another type.
+local function read(key)
+  local v = redis.pcall('GET', key)
+  if type(v) == 'table' and v.err then
+    return nil, redis.error_reply(v.err .. ' (connectlimit batch.lua, key ' .. key .. ')')
+  end
+  return v
+end
+
+local function bucket_request(op)
+  local n, first = op.n, op.key
+  local level = {}
+  local allowed = true
+  for j = 1, n do
+    local key = KEYS[first + j - 1]
+    local c, r, x = op.capacity[j], op.rate[j], op.cost[j]
+    local tokens = c
+    local stored, err = read(key)
+    if err then
+      return err
+    end
+    if stored then
+      local t, at = string.match(stored, '^(%S+) (%S+)$')
+      t, at = tonumber(t), tonumber(at)
+      if not (t and at) or t ~= t or at ~= at then
+        return fail('malformed bucket value at key ' .. key)
+      end
+      -- A clock that stepped back (elapsed < 0) refills nothing.
+      local elapsed = now - at
+      if elapsed > 0 then
+        t = t + elapsed / 1e6 * r
+      end
+      tokens = math.min(t, c)
+    end
+    level[j] = tokens
+
+    -- bucket.Decide: a cost over capacity is never affordable; otherwise
+    -- allow when the level covers the cost, up to a relative tolerance of
+    -- 1e-9 that absorbs floating-point noise.
+    if op.kind == 'take' and (x > c or tokens - x < -1e-9 * math.max(1, x)) then
+      allowed = false
+    end
+  end
+
+  local reply = {0}
+  for j = 1, n do
+    reply[j + 1] = string.format('%.17g', level[j])
+  end
+
+  -- The ID is checked before the decision counts: a duplicate is reported as
+  -- such even if its buckets could not pay now.
+  local marker = op.window and KEYS[first + n]
+  if marker then
+    local stored, err = read(marker)
+    if err then
+      return err
+    end
+    if stored then
+      local expires = tonumber(stored)
+      if not expires or expires ~= expires then
+        return fail('malformed id marker value at key ' .. marker)
+      end
+      if now < expires then
+        reply[1] = 2
+        return reply
+      end
+    end
+  end
+
+  if not allowed then
+    return reply
+  end
+
+  for j = 1, n do
+    local key = KEYS[first + j - 1]
+    local after = level[j] - op.cost[j]
+    if op.kind == 'adjust' then
+      -- A refund never lifts a bucket above capacity.
+      after = math.min(after, op.capacity[j])
+    end
+    if after >= op.capacity[j] then
+      redis.call('DEL', key)
+    elseif not server_clock then
+      redis.call('SET', key, string.format('%.17g %.0f', after, now))
+    else
+      local ms = math.ceil((op.capacity[j] - after) / op.rate[j] * 1000)
+      if ms ~= ms or ms > max_ttl_ms then
+        ms = max_ttl_ms
+      elseif ms < 1 then
+        ms = 1
+      end
+      redis.call('SET', key, string.format('%.17g %.0f', after, now), 'PX', string.format('%.0f', ms))
+    end
+  end
+  if marker then
+    local expires = string.format('%.0f', now + op.window)
+    if server_clock then
+      redis.call('SET', marker, expires, 'PX', string.format('%.0f', math.ceil(op.window / 1000)))
+    else
+      redis.call('SET', marker, expires)
+    end
+  end
+  reply[1] = 1
+  return reply
+end
+
+-- lease_set returns an operation's lease set key, or nil and an error reply
+-- if the key holds something other than a sorted set.
+local function lease_set(op)
+  local key = KEYS[op.key]
+  local kind = redis.call('TYPE', key)['ok']
+  if kind ~= 'zset' and kind ~= 'none' then
+    return nil, redis.error_reply('WRONGTYPE connectlimit batch.lua: lease set at key ' .. key .. ' is a ' .. tostring(kind))
+  end
+  return key
+end
+
+local function acquire(op)
+  local key, err = lease_set(op)
+  if err then
+    return err
+  end
+  -- A lease whose expiry is now or earlier has ended.
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%.0f', now))
+
+  local acquired = 0
+  if redis.call('ZSCORE', key, op.member) or redis.call('ZCARD', key) < op.limit then
+    redis.call('ZADD', key, string.format('%.0f', now + op.ttl), op.member)
+    acquired = 1
+  end
+  local in_use = redis.call('ZCARD', key)
+
+  if server_clock and in_use > 0 then
+    -- The last lease to expire decides when the whole set can go.
+    local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+    local ms = math.ceil((tonumber(last[2]) - now) / 1000)
+    if ms < 1 then
+      ms = 1
+    end
+    redis.call('PEXPIRE', key, string.format('%.0f', ms))
+  end
+  return {acquired, in_use}
+end
+
+local function release(op)
+  local key, err = lease_set(op)
+  if err then
+    return err
+  end
+  -- Redis deletes a sorted set once it is empty.
+  redis.call('ZREM', key, op.member)
+  return {0, 0}
+end
+
+local replies = {}
+for i = 1, nops do
+  local op = ops[i]
+  if op.kind == 'acquire' then
+    replies[i] = acquire(op)
+  elseif op.kind == 'release' then
+    replies[i] = release(op)
+  else
+    replies[i] = bucket_request(op)
+  end
+end
+return replies

@@ -1,0 +1,213 @@
+package redisstore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/connectlimit/connectlimit/bucket"
+	"github.com/connectlimit/connectlimit/internal/redistest"
+)
+
+// TestBatchScriptRejectsMalformedBatches sends batch.lua malformed
+// batches whose first operation is a valid take: the script refuses each
+// batch as a whole, before writing anything.
+func TestBatchScriptRejectsMalformedBatches(t *testing.T) {
+	t.Parallel()
+	client := redistest.Start(t).NewClient(t)
+	const good = "take - 5 1 1"
+	goodKeys := []string{"v:{a}:b"}
+	for _, tc := range []struct {
+		name    string
+		keys    []string
+		args    []any
+		wantErr string
+	}{
+		{name: "no operations", keys: nil, args: []any{""}, wantErr: "at least one operation"},
+		{name: "bad now", keys: goodKeys, args: []any{"soon", good}, wantErr: "now is not a number"},
+		{name: "NaN now", keys: goodKeys, args: []any{"nan", good}, wantErr: "now is not a number"},
+		{name: "unknown operation", keys: append(goodKeys, "v:{a}:c"), args: []any{"", good, "charge - 5 1 1"}, wantErr: "operation 2: unknown operation charge"},
+		{name: "empty operation", keys: goodKeys, args: []any{"", good, ""}, wantErr: "operation 2: unknown operation nil"},
+		{name: "take without buckets", keys: goodKeys, args: []any{"", good, "take -"}, wantErr: "operation 2: take wants a window and 3 numbers per bucket"},
+		{name: "take with a partial bucket", keys: append(goodKeys, "v:{a}:c"), args: []any{"", good, "take - 5 1"}, wantErr: "operation 2: take wants"},
+		{name: "zero window", keys: append(goodKeys, "v:{a}:c", "v:{a}~id:x"), args: []any{"", good, "adjust 0 5 1 1"}, wantErr: "window is not a positive number: 0"},
+		{name: "NaN window", keys: append(goodKeys, "v:{a}:c", "v:{a}~id:x"), args: []any{"", good, "adjust nan 5 1 1"}, wantErr: "window is not a positive number"},
+		{name: "NaN cost", keys: append(goodKeys, "v:{a}:c"), args: []any{"", good, "take - 5 1 nan"}, wantErr: "bucket 1: capacity, rate or cost is not a number"},
+		{name: "infinite capacity", keys: append(goodKeys, "v:{a}:c"), args: []any{"", good, "take - inf 1 1"}, wantErr: "bucket 1: capacity, rate or cost is not a number"},
+		{name: "acquire without ttl", keys: append(goodKeys, "v:{a}~lease:n"), args: []any{"", good, "acquire 1 m"}, wantErr: "operation 2: acquire wants"},
+		{name: "acquire with zero limit", keys: append(goodKeys, "v:{a}~lease:n"), args: []any{"", good, "acquire 0 100 m"}, wantErr: "operation 2: acquire wants"},
+		{name: "release with two members", keys: append(goodKeys, "v:{a}~lease:n"), args: []any{"", good, "release m n"}, wantErr: "operation 2: release wants a member"},
+		{name: "too few keys", keys: goodKeys, args: []any{"", good, good}, wantErr: "the operations name 2 keys, got 1"},
+		{name: "too many keys", keys: append(goodKeys, "v:{a}:c", "v:{a}:d"), args: []any{"", good, good}, wantErr: "the operations name 2 keys, got 3"},
+		{name: "marker key missing", keys: append(goodKeys, "v:{a}:c"), args: []any{"", good, "take 1000 5 1 1"}, wantErr: "the operations name 3 keys, got 2"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			// Each case has keys of its own, so that "nothing written"
+			// means nothing.
+			prefix := strings.ReplaceAll(tc.name, " ", "-")
+			keys := make([]string, len(tc.keys))
+			for i, k := range tc.keys {
+				keys[i] = prefix + k
+			}
+			err := batchScript.Run(t.Context(), client, keys, tc.args...).Err()
+			var rerr redis.Error
+			if !errors.As(err, &rerr) || !strings.Contains(err.Error(), tc.wantErr) {
+				t.Fatalf("batch.lua: %v, want an error reply mentioning %q", err, tc.wantErr)
+			}
+			if n, err := client.Exists(t.Context(), keys...).Result(); len(keys) > 0 && (err != nil || n != 0) {
+				t.Fatalf("the rejected batch wrote %d of its keys (%v)", n, err)
+			}
+		})
+	}
+}
+
+// TestBatchScriptReplies checks the shape of batch.lua's replies, one per
+// operation in order, on a test clock.
+func TestBatchScriptReplies(t *testing.T) {
+	t.Parallel()
+	client := redistest.Start(t).NewClient(t)
+	if err := client.Set(t.Context(), "r:{a}:bad", "1", 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	keys := []string{"r:{a}:b", "r:{a}:b", "r:{a}:c", "r:{a}~id:x", "r:{a}:b", "r:{a}~id:x", "r:{a}:b", "r:{a}:bad", "r:{a}~lease:n", "r:{a}~lease:n", "r:{a}~lease:n"}
+	args := []any{
+		"1000000",
+		"take - 5 1 2",
+		"take - 5 1 4",           // denied: 3 left
+		"adjust 2000000 3 1 0.5", // writes c and the marker
+		"take 2000000 5 1 9",     // a duplicate, though it could not pay
+		"take - 5 1 0",
+		"take - 5 1 1", // a malformed bucket: fails alone
+		"acquire 1 500 m1",
+		"acquire 1 500 m2",
+		"release m1",
+	}
+	reply, err := batchScript.Run(t.Context(), client, keys, args...).Slice()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{
+		"[1 5]",
+		"[0 3]",
+		"[1 3]",
+		"[2 3]",
+		"[1 3]",
+		"ERR connectlimit batch.lua: malformed bucket value at key r:{a}:bad",
+		"[1 1]",
+		"[0 1]",
+		"[0 0]",
+	}
+	got := make([]string, len(reply))
+	for i, r := range reply {
+		got[i] = fmt.Sprint(r)
+	}
+	if !slices.Equal(got, want) {
+		t.Fatalf("replies:\n%q\nwant\n%q", got, want)
+	}
+	if _, ok := reply[5].(redis.Error); !ok {
+		t.Fatalf("reply 5 is a %T, want a redis.Error", reply[5])
+	}
+}
+
+// TestRefused checks which client errors prove that nothing was applied.
+func TestRefused(t *testing.T) {
+	t.Parallel()
+	dial := &net.OpError{Op: "dial", Net: "tcp", Err: os.NewSyscallError("connect", syscall.ECONNREFUSED)}
+	read := &net.OpError{Op: "read", Net: "tcp", Err: os.ErrDeadlineExceeded}
+	for _, tc := range []struct {
+		name        string
+		err         error
+		wantRefused bool
+	}{
+		{"refused dial", dial, true},
+		{"wrapped dial", fmt.Errorf("redis: %w", dial), true},
+		{"pool timeout", redis.ErrPoolTimeout, true},
+		{"pool exhausted", redis.ErrPoolExhausted, true},
+		{"closed client", redis.ErrClosed, true},
+		{"error reply", redis.ErrNoScript, true},
+		{"cross slot", redis.ErrCrossSlot, true},
+		{"read timeout", read, false},
+		{"write reset", &net.OpError{Op: "write", Net: "tcp", Err: syscall.ECONNRESET}, false},
+		{"EOF", io.EOF, false},
+		{"unexpected EOF", io.ErrUnexpectedEOF, false},
+		{"deadline", context.DeadlineExceeded, false},
+		{"canceled", context.Canceled, false},
+		{"malformed", errors.New("redis: can't parse reply"), false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			if got := refused(tc.err); got != tc.wantRefused {
+				t.Fatalf("refused(%v) = %v, want %v", tc.err, got, tc.wantRefused)
+			}
+			for _, oneAttempt := range []bool{true, false} {
+				err := (&Store{oneAttempt: oneAttempt}).failure(tc.err)
+				want := bucket.ErrOutcomeUnknown
+				if oneAttempt && tc.wantRefused {
+					want = bucket.ErrNotApplied
+				}
+				if !errors.Is(err, want) || !errors.Is(err, tc.err) || !strings.Contains(err.Error(), tc.err.Error()) {
+					t.Errorf("failure(%v) with oneAttempt %v = %v, want it to wrap %v and the error", tc.err, oneAttempt, err, want)
+				}
+			}
+		})
+	}
+}
+
+// TestGroups checks how a batch is split into script calls: by slot for a
+// Cluster, by tag otherwise, keeping the order within each group.
+func TestGroups(t *testing.T) {
+	t.Parallel()
+	// Two tags in one slot, found by search.
+	same := func() [2]string {
+		seen := map[uint16]string{}
+		for i := 0; ; i++ {
+			tag := fmt.Sprint("user:", i)
+			if prev, ok := seen[slot(tag)]; ok {
+				return [2]string{prev, tag}
+			}
+			seen[slot(tag)] = tag
+		}
+	}()
+	tags := []string{same[0], "other", same[1], same[0], "other", same[1]}
+	ops := make([]*op, len(tags))
+	for i, tag := range tags {
+		ops[i] = &op{tag: tag, keys: []string{fmt.Sprintf("p:{%s}:b%d", tag, i)}, arg: fmt.Sprint("op", i)}
+	}
+	for _, tc := range []struct {
+		name    string
+		routing routing
+		want    [][]int
+	}{
+		{"Slot", routeSlot, [][]int{{0, 2, 3, 5}, {1, 4}}},
+		{"Tag", routeTag, [][]int{{0, 3}, {1, 4}, {2, 5}}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			groups := (&Store{routing: tc.routing}).groups(ops, "now")
+			if len(groups) != len(tc.want) {
+				t.Fatalf("%d groups, want %d", len(groups), len(tc.want))
+			}
+			for i, g := range groups {
+				var wantKeys []string
+				wantArgs := []any{"now"}
+				for _, j := range tc.want[i] {
+					wantKeys = append(wantKeys, ops[j].keys...)
+					wantArgs = append(wantArgs, ops[j].arg)
+				}
+				if !slices.Equal(g.keys, wantKeys) || !slices.Equal(g.args, wantArgs) {
+					t.Errorf("group %d: keys %v args %v, want %v and %v", i, g.keys, g.args, wantKeys, wantArgs)
+				}
+			}
+		})
+	}
+}

@@ -1,0 +1,114 @@
+package redisstore
+
+import "time"
+
+// DefaultKeyPrefix starts every key a [Store] writes, unless set with
+// [WithKeyPrefix].
+const DefaultKeyPrefix = "cl"
+
+// DefaultTimeout is how long a [Store] waits for the reply to one batch,
+// unless set with [WithTimeout]: 100 milliseconds, a hundred times a healthy
+// round trip within a data centre, yet short enough that a hung server costs
+// a rate-limited call little.
+const DefaultTimeout = 100 * time.Millisecond
+
+// DefaultMaxBatch is the largest number of operations a [Store] sends in one
+// batch, unless set with [WithMaxBatch].
+const DefaultMaxBatch = 256
+
+// maxBatchLimit bounds [WithMaxBatch]: a script blocks the Redis server
+// while it runs, so one batch must stay a few milliseconds of work.
+const maxBatchLimit = 4096
+
+// maxInFlight is how many batches a Store has sent and not yet seen
+// answered at once. Two keep the connection busy (one batch fills while the
+// other travels) without spreading a burst over many small batches.
+const maxInFlight = 2
+
+type config struct {
+	prefix   string
+	timeout  time.Duration
+	maxBatch int
+	now      func() time.Time
+}
+
+// Option configures a [Store].
+type Option interface {
+	apply(*config)
+}
+
+type optionFunc func(*config)
+
+func (f optionFunc) apply(c *config) { f(c) }
+
+// WithKeyPrefix sets the prefix of every key the Store writes, so that
+// several applications (or tests) can share one Redis. The default is
+// [DefaultKeyPrefix], "cl".
+//
+// Keys are "<prefix>:{<subject>}:<bucket>" for buckets,
+// "<prefix>:{<subject>}~id:<request ID>" for the markers of idempotent
+// requests and "<prefix>:{<subject>}~lease:<lease name>" for lease sets;
+// lease set members are lease IDs. Each of prefix, subject, bucket name,
+// request ID, lease name and lease ID is used as is when it is at most 64
+// bytes drawn from A-Z a-z 0-9 and . _ @ = - : (so "user:alice" stays
+// readable); any other string, including one with braces, control bytes,
+// invalid UTF-8 or more than 64 bytes, is replaced by "#" and the first 144
+// bits of its SHA-256 in unpadded base64url (25 bytes in all). A verbatim
+// name never contains "#", so it never equals a hashed one; the subject,
+// being brace-free, is exactly the key's Cluster hash tag; and the
+// character after its "}" (":" or "~") keeps buckets apart from markers
+// and lease sets.
+func WithKeyPrefix(prefix string) Option {
+	return optionFunc(func(c *config) { c.prefix = prefix })
+}
+
+// WithTimeout sets how long the Store waits for the reply to one batch,
+// counted from the moment the batch is handed to the Redis client; the
+// default is [DefaultTimeout]. A zero or negative d selects the default.
+//
+// Each batch gets its own deadline, independent of its callers' contexts,
+// so that a hung server fails a batch (with an error wrapping
+// [bucket.ErrOutcomeUnknown]) after d, and a slow batch never shortens the
+// wait of the calls queued behind it: they get a whole d of their own once
+// they are sent. Set [redis.Options.ContextTimeoutEnabled] on the client so
+// that the deadline also ends the client's socket read: otherwise the Store
+// still answers the batch's callers, half a timeout after the deadline
+// (which leaves a client that honours it the time to report its own error
+// first), but the batch keeps one of the Store's two in-flight slots until
+// the client's ReadTimeout (3 s by default).
+func WithTimeout(d time.Duration) Option {
+	return optionFunc(func(c *config) {
+		if d > 0 {
+			c.timeout = d
+		}
+	})
+}
+
+// WithMaxBatch sets the largest number of operations (Take, Acquire and
+// Release calls) the Store sends to Redis in one script call; the default
+// is [DefaultMaxBatch], 256. A zero or negative n selects the default, and
+// n above 4096 is lowered to 4096, since a script blocks the Redis server
+// while it runs. WithMaxBatch(1) turns coalescing off.
+func WithMaxBatch(n int) Option {
+	return optionFunc(func(c *config) {
+		switch {
+		case n <= 0:
+			c.maxBatch = DefaultMaxBatch
+		case n > maxBatchLimit:
+			c.maxBatch = maxBatchLimit
+		default:
+			c.maxBatch = n
+		}
+	})
+}
+
+// withClock makes the script decide at now() instead of at the server's
+// TIME, and write keys without a TTL (which would run on the server's real
+// clock, not on now); ID markers and leases still expire at now(), since
+// the script compares their expiry instants with it. The clock is read once
+// per batch, when the batch is sent. Only tests use it, through
+// export_test.go: application clocks skew, and a store that trusted them
+// would over-admit.
+func withClock(now func() time.Time) Option {
+	return optionFunc(func(c *config) { c.now = now })
+}

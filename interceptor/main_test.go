@@ -1,0 +1,20 @@
+package interceptor_test
+
+import (
+	"log/slog"
+	"testing"
+
+	"github.com/redis/go-redis/v9"
+	"go.uber.org/goleak"
+
+	"github.com/connectlimit/connectlimit/bucket/redisstore"
+)
+
+// TestMain checks that no test leaves a goroutine behind: the settle
+// queue's worker, the circuit breaker's probe, lease renewals and the Redis
+// store's batches must all end. go-redis's own log lines are dropped: the
+// tests break Redis on purpose.
+func TestMain(m *testing.M) {
+	redis.SetLogger(redisstore.NewLogger(slog.New(slog.DiscardHandler)))
+	goleak.VerifyTestMain(m)
+}
