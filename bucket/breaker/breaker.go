@@ -20,9 +20,11 @@
 //
 //   - it wraps [bucket.ErrInvalidRequest]: the request was malformed, and
 //     the store was not at fault;
+//
 //   - the caller's context was canceled (its error is [context.Canceled]):
 //     the caller went away, and whatever the store did says nothing of its
 //     health;
+//
 //   - it wraps [bucket.ErrNotApplied] and the caller's context is done: the
 //     call was abandoned in the store's queue (waiting for a pooled
 //     connection, say) because the caller ran out of time, so the store was
