@@ -20,29 +20,27 @@
 //
 //   - it wraps [bucket.ErrInvalidRequest]: the request was malformed, and
 //     the store was not at fault;
-//
+//   - it wraps [bucket.ErrRejected]: the store answered, healthy, and
+//     refused this one request;
 //   - the caller's context was canceled (its error is [context.Canceled]):
 //     the caller went away, and whatever the store did says nothing of its
 //     health;
-//
 //   - it wraps [bucket.ErrNotApplied] and the caller's context is done: the
 //     call was abandoned in the store's queue (waiting for a pooled
 //     connection, say) because the caller ran out of time, so the store was
 //     busy, not broken.
 //
-//   - it wraps [bucket.ErrRejected]: the store answered, healthy, and
-//     refused this one request.
-//
 // Every other error counts, notably a timeout after the request was sent
 // ([bucket.ErrOutcomeUnknown] with an expired deadline) and a refused
 // connection ([bucket.ErrNotApplied] with the caller's context still live).
+// A call that returns no error, allowed or denied, resets the count; an
+// error that does not count leaves it unchanged.
+//
 // "Consecutive" is over calls that did not overlap: of the calls in flight
 // together, only the first failure counts, and a call that started before
 // the last counted failure does not count again. A store that coalesces
 // calls (redisstore) fails every call of a batch at once, and one slow
 // batch is one failure, however many callers it carried.
-// A call that returns no error, allowed or denied, resets the count; an
-// error that does not count leaves it unchanged.
 package breaker
 
 import (
