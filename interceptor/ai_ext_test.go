@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -59,6 +60,8 @@ type aiFixture struct {
 	// name, those whose topic starts with "gate=NAME,".
 	gate   chan struct{}
 	gates  sync.Map // string → chan struct{}
+	// atGate counts the calls that reached a gate, by name ("" for gate).
+	atGate sync.Map // string → *atomic.Int64
 	cfg    costmap.Config
 	clock  *buckettest.Clock
 	store  bucket.Store
@@ -271,14 +274,14 @@ func topicOf(m *msg) string {
 func (f *aiFixture) obey(ctx context.Context, m *msg) (int, error) {
 	topic := topicOf(m)
 	if rest, ok := strings.CutPrefix(topic, "gate"); ok {
-		gate := f.gate
+		gate, name := f.gate, ""
 		if named, ok := strings.CutPrefix(rest, "="); ok {
-			var name string
 			name, rest, _ = strings.Cut(named, ",")
 			gate = f.namedGate(name)
 		} else {
 			rest = strings.TrimPrefix(rest, ",")
 		}
+		f.arrivals(name).Add(1)
 		select {
 		case <-gate:
 		case <-ctx.Done():
@@ -299,6 +302,13 @@ func (f *aiFixture) obey(ctx context.Context, m *msg) (int, error) {
 		return strconv.Atoi(strings.TrimPrefix(topic, "use="))
 	}
 	return 0, nil
+}
+
+// arrivals counts the calls that reached the gate named name ("" for the
+// fixture's gate): they reserved, and their handler runs.
+func (f *aiFixture) arrivals(name string) *atomic.Int64 {
+	n, _ := f.atGate.LoadOrStore(name, new(atomic.Int64))
+	return n.(*atomic.Int64) //nolint:forcetypeassert // only counters are stored
 }
 
 // namedGate returns the gate named name; closing it releases every call

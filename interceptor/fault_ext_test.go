@@ -2,6 +2,7 @@ package interceptor_test
 
 import (
 	"fmt"
+	"log/slog"
 	"strings"
 	"sync"
 	"testing"
@@ -395,4 +396,106 @@ func TestConcurrencyOnlyProcedure(t *testing.T) {
 			t.Fatalf("a concurrency-only procedure charged buckets: requests %v, tokens %v", requests, tokens)
 		}
 	})
+}
+
+// TestOutageOverAdmissionIsBounded kills the Redis two instances share:
+// under FailLocal each keeps limiting in memory at its share of every
+// limit, so one caller gets at most instances × share × limit during the
+// outage, and under FailClosed nothing.
+func TestOutageOverAdmissionIsBounded(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		policy      interceptor.FailurePolicy
+		share       float64
+		wantAllowed int
+	}{
+		{interceptor.FailLocal, 0.5, 100}, // 2 × 0.5 × 100 requests
+		{interceptor.FailLocal, 0.25, 50}, // 2 × 0.25 × 100
+		{interceptor.FailClosed, 0.5, 0},
+	} {
+		t.Run(fmt.Sprintf("%v/share %v", tc.policy, tc.share), func(t *testing.T) {
+			t.Parallel()
+			cfg := aiConfig()
+			cfg.Buckets["requests"] = costmap.BucketConfig{Capacity: 100, RefillPerSecond: 1e-9}
+			rs := redistest.Start(t)
+			var instances []*aiFixture
+			for range 2 {
+				client := rs.NewClient(t, func(o *redis.Options) { o.ContextTimeoutEnabled, o.MaxRetries, o.DialerRetries = true, -1, 1 })
+				store := redisstore.New(client, redisstore.WithTimeout(faultTimeout))
+				instances = append(instances, newAIFixture(t, cfg, store,
+					interceptor.WithFailurePolicy(tc.policy), interceptor.WithStoreTimeout(faultTimeout), interceptor.WithLocalShare(tc.share)))
+			}
+			must(t, rs.Kill())
+			allowed := 0
+			for i := range 400 {
+				f := instances[i%2]
+				switch _, err := f.ask.CallUnary(t.Context(), f.request("use=1", 1)); {
+				case err == nil:
+					allowed++
+				case tc.policy == interceptor.FailLocal && connect.CodeOf(err) != connect.CodeResourceExhausted,
+					tc.policy == interceptor.FailClosed && connect.CodeOf(err) != connect.CodeUnavailable:
+					t.Fatalf("call %d: %v", i, err)
+				}
+			}
+			t.Logf("%d of 400 calls allowed during the outage", allowed)
+			if allowed != tc.wantAllowed {
+				t.Fatalf("%d calls allowed during the outage, want instances × share × limit = %d", allowed, tc.wantAllowed)
+			}
+		})
+	}
+}
+
+// TestFailureLogSaysWhetherChargeMayHaveApplied checks the log line of a
+// store failure: charge=unknown exactly when the request may have been
+// applied (its reply was lost), charge=none when it certainly was not (the
+// connection was refused).
+func TestFailureLogSaysWhetherChargeMayHaveApplied(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name       string
+		inject     func(t *testing.T, f *faultFixture)
+		wantCharge string
+	}{
+		{"reply lost", func(t *testing.T, f *faultFixture) { must(t, f.proxy.DropReplies()) }, "charge=unknown"},
+		{"connection refused", func(t *testing.T, f *faultFixture) { f.refuseConnections(t) }, "charge=none"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			var logs syncBuffer
+			f := newFaultFixture(t, aiConfig(), interceptor.FailOpen,
+				interceptor.WithLogger(slog.New(slog.NewTextHandler(&logs, nil))), interceptor.WithLogInterval(0))
+			tc.inject(t, f)
+			if _, err := f.ask.CallUnary(t.Context(), f.request("use=1", 1)); err != nil {
+				t.Fatal(err)
+			}
+			var line string
+			for l := range strings.Lines(logs.String()) {
+				if strings.Contains(l, "op=reserve") {
+					line = l
+					break
+				}
+			}
+			if !strings.Contains(line, tc.wantCharge) {
+				t.Fatalf("log line of the failed reservation %q does not say %s; log:\n%s", line, tc.wantCharge, logs.String())
+			}
+		})
+	}
+}
+
+// syncBuffer is a log sink safe for the server's goroutines.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }

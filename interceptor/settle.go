@@ -283,69 +283,76 @@ func (s *settler) dropJob(j *job, why string, cause error) {
 	}
 }
 
-// payBalance sends subject's balance under a fresh ID.
+// payBalance sends what subject's balance holds now under a fresh ID. The
+// balance stays in the queue meanwhile, so that calls settling during the
+// attempt merge into it; once the store has it, what was sent is taken off.
 func (s *settler) payBalance(subject string, final bool) bool {
 	s.mu.Lock()
 	b, ok := s.balances[subject]
-	if ok {
-		delete(s.balances, subject)
+	if !ok {
+		s.mu.Unlock()
+		return false
+	}
+	charges := slices.DeleteFunc(slices.Clone(b.charges), func(c bucket.Charge) bool { return c.Cost == 0 })
+	since, procedure := b.since, b.procedure
+	if len(charges) == 0 {
+		s.removeBalanceLocked(subject)
+		s.mu.Unlock()
+		return false
 	}
 	s.mu.Unlock()
-	if !ok {
-		return false
-	}
-	charges := slices.DeleteFunc(b.charges, func(c bucket.Charge) bool { return c.Cost == 0 })
 	req := bucket.Request{Subject: subject, Charges: charges, Mode: bucket.ModeAdjust, ID: randomID() + ".b", IDWindow: s.idWindow}
-	if len(charges) == 0 {
-		s.mu.Lock()
-		s.entries--
-		s.mu.Unlock()
-		return false
-	}
-	if s.now().Sub(b.since) > s.retryFor {
-		s.mu.Lock()
-		s.entries--
-		s.mu.Unlock()
-		s.drop(context.Background(), b.procedure, step{req: req}, "retries ran out", errors.New("not applied within the settle retry duration"))
+	if s.now().Sub(since) > s.retryFor {
+		s.takeOff(subject, charges)
+		s.drop(context.Background(), procedure, step{req: req}, "retries ran out", errors.New("not applied within the settle retry duration"))
 		return false
 	}
 	err := s.attempt(step{req: req})
 	switch {
 	case err == nil:
-		s.mu.Lock()
-		s.entries--
-		s.mu.Unlock()
+		s.takeOff(subject, charges)
 		return true
 	case errors.Is(err, bucket.ErrInvalidRequest) || final:
-		s.mu.Lock()
-		s.entries--
-		s.mu.Unlock()
+		s.takeOff(subject, charges)
 		why := "the store refused it as invalid"
 		if final && !errors.Is(err, bucket.ErrInvalidRequest) {
 			why = "the interceptor was closed"
 		}
-		s.drop(context.Background(), b.procedure, step{req: req}, why, err)
+		s.drop(context.Background(), procedure, step{req: req}, why, err)
 		return false
 	case bucket.MayHaveApplied(err):
 		// It may have been applied: only a resend with this ID may follow.
-		j := s.newJob(b.procedure)
-		s.mu.Lock()
-		s.entries--
-		s.mu.Unlock()
-		s.push(context.Background(), j, step{req: req}, err)
+		s.takeOff(subject, charges)
+		s.push(context.Background(), s.newJob(procedure), step{req: req}, err)
 		return false
 	default:
-		s.mu.Lock()
-		if merged, ok := s.balances[subject]; ok {
-			// New calls owed meanwhile: merge, keeping the older start.
-			merged.add(b.procedure, charges, b.calls)
-			merged.since = b.since
-			s.entries--
-		} else {
-			s.balances[subject] = b
-		}
-		s.mu.Unlock()
-		return false
+		return false // certainly not applied: the balance keeps it
+	}
+}
+
+// takeOff subtracts charges, sent (or given up on) under their own ID, from
+// subject's balance, and removes the balance once it holds nothing.
+func (s *settler) takeOff(subject string, charges []bucket.Charge) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	b, ok := s.balances[subject]
+	if !ok {
+		return
+	}
+	for _, c := range charges {
+		c.Cost = -c.Cost
+		b.add(b.procedure, []bucket.Charge{c}, 0)
+	}
+	if !slices.ContainsFunc(b.charges, func(c bucket.Charge) bool { return c.Cost != 0 }) {
+		s.removeBalanceLocked(subject)
+	}
+}
+
+// removeBalanceLocked removes subject's balance. The caller holds s.mu.
+func (s *settler) removeBalanceLocked(subject string) {
+	if _, ok := s.balances[subject]; ok {
+		delete(s.balances, subject)
+		s.entries--
 	}
 }
 

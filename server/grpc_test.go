@@ -13,8 +13,6 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/wrapperspb"
-
-	"github.com/connectlimit/connectlimit/server"
 )
 
 // TestGRPCClientSeesDenialHeaders calls the server with grpc-go, as gRPC
@@ -24,15 +22,7 @@ import (
 // trailers.
 func TestGRPCClientSeesDenialHeaders(t *testing.T) {
 	t.Parallel()
-	cfg, err := server.ParseConfig([]byte(validYAML))
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv, err := server.New(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := strings.TrimSuffix(strings.TrimPrefix(serve(t, srv), "http://"), "/test.v1.TestService/Search")
+	addr := strings.TrimSuffix(strings.TrimPrefix(serveYAML(t, validYAML), "http://"), "/test.v1.TestService/Search")
 	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)

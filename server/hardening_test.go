@@ -32,18 +32,8 @@ import (
 func TestAuthFailuresAreLimited(t *testing.T) {
 	t.Parallel()
 	const yaml = validYAML + "auth_failures: { capacity: 3, period: 1h }\n"
-	cfg, err := server.ParseConfig([]byte(yaml))
-	if err != nil {
-		t.Fatal(err)
-	}
 	rs := redistest.Start(t)
-	newURL := func() string {
-		srv, err := server.New(cfg, server.WithRedisURL("redis://"+rs.Addr()+"/0"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		return serve(t, srv)
-	}
+	newURL := func() string { return serveYAML(t, yaml, server.WithRedisURL("redis://"+rs.Addr()+"/0")) }
 	first, second := newURL(), newURL()
 	call := func(url, auth string) error {
 		client := connect.NewClient[wrapperspb.StringValue, wrapperspb.StringValue](http.DefaultClient, url)
@@ -91,15 +81,7 @@ func TestAuthFailuresAreLimited(t *testing.T) {
 
 func TestBearerSchemeIsCaseInsensitive(t *testing.T) {
 	t.Parallel()
-	cfg, err := server.ParseConfig([]byte(validYAML))
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv, err := server.New(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	client := connect.NewClient[wrapperspb.StringValue, wrapperspb.StringValue](http.DefaultClient, serve(t, srv))
+	client := connect.NewClient[wrapperspb.StringValue, wrapperspb.StringValue](http.DefaultClient, serveYAML(t, validYAML))
 	for _, auth := range []string{"bearer secret-key-1", "BEARER secret-key-1"} {
 		req := connect.NewRequest(wrapperspb.String("q"))
 		req.Header().Set("Authorization", auth)
@@ -125,15 +107,7 @@ func (c *countingReader) Read(p []byte) (int, error) {
 // default limit of 4 MiB: it is refused without the server reading it.
 func TestRequestSizeIsLimited(t *testing.T) {
 	t.Parallel()
-	cfg, err := server.ParseConfig([]byte(validYAML))
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv, err := server.New(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	url := serve(t, srv)
+	url := serveYAML(t, validYAML)
 	client := connect.NewClient[wrapperspb.StringValue, wrapperspb.StringValue](http.DefaultClient, url)
 	// Just under the limit: read, and allowed.
 	if _, err := client.CallUnary(t.Context(), connect.NewRequest(wrapperspb.String(strings.Repeat("x", server.DefaultMaxMessageBytes-16)))); err != nil {

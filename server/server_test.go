@@ -76,6 +76,21 @@ func TestParseConfigErrors(t *testing.T) {
 	}
 }
 
+// serveYAML builds a server from a configuration, serves it as serve does
+// and returns the procedure's URL.
+func serveYAML(t *testing.T, yaml string, opts ...server.Option) string {
+	t.Helper()
+	cfg, err := server.ParseConfig([]byte(yaml))
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := server.New(cfg, opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return serve(t, srv)
+}
+
 // serve starts srv with one limited unary procedure and returns its URL.
 func serve(t *testing.T, srv *server.Server) string {
 	t.Helper()
@@ -116,15 +131,7 @@ func TestAPIKeysAndLimits(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
-			cfg, err := server.ParseConfig([]byte(validYAML))
-			if err != nil {
-				t.Fatal(err)
-			}
-			srv, err := server.New(cfg, tc.opts...)
-			if err != nil {
-				t.Fatal(err)
-			}
-			url := serve(t, srv)
+			url := serveYAML(t, validYAML, tc.opts...)
 			client := connect.NewClient[wrapperspb.StringValue, wrapperspb.StringValue](http.DefaultClient, url)
 			call := func(auth string) error {
 				req := connect.NewRequest(wrapperspb.String("q"))

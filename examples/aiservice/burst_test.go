@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"io"
 	"net/http"
 	"runtime"
 	"sync"
@@ -16,38 +15,6 @@ import (
 	"github.com/connectlimit/connectlimit/examples/aiservice/gen/aiservice/v1/aiservicev1connect"
 	"github.com/connectlimit/connectlimit/internal/redistest"
 )
-
-// startDefault runs the example with its built-in configuration, as a user
-// would, on a free port, and returns the base URL.
-func startDefault(t *testing.T, args ...string) string {
-	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	addrc := make(chan string, 1)
-	done := make(chan error, 1)
-	go func() {
-		done <- run(ctx, append([]string{"-addr", "127.0.0.1:0", "-chunk-delay", "0"}, args...), io.Discard, func(a string) { addrc <- a })
-	}()
-	var exited bool // run's result was already received
-	t.Cleanup(func() {
-		cancel()
-		if exited {
-			return
-		}
-		if err := <-done; err != nil {
-			t.Errorf("run: %v", err)
-		}
-	})
-	select {
-	case addr := <-addrc:
-		return "http://" + addr
-	case err := <-done:
-		exited = true
-		t.Fatalf("run exited early: %v", err)
-	case <-time.After(30 * time.Second):
-		t.Fatal("server did not start in 30s")
-	}
-	return ""
-}
 
 // TestColdBurstStaysExact is the cold burst of a fresh deployment: two
 // example instances, just started with -redis and the default configuration
@@ -68,8 +35,9 @@ func TestColdBurstStaysExact(t *testing.T) {
 	for try := range tries {
 		rs := redistest.Start(t)
 		urls := []string{
-			startDefault(t, "-redis", "redis://"+rs.Addr()+"/0"),
-			startDefault(t, "-redis", "redis://"+rs.Addr()+"/0"),
+			// The built-in configuration, as a user would run it.
+			serveExample(t, "-redis", "redis://"+rs.Addr()+"/0"),
+			serveExample(t, "-redis", "redis://"+rs.Addr()+"/0"),
 		}
 		// Keep every CPU busy, as other work on a production node does.
 		busy, stopBusy := context.WithCancel(t.Context())

@@ -32,22 +32,33 @@ type example struct {
 	quota connectlimitv1connect.QuotaServiceClient
 }
 
-// start runs the example as main would, on a free port, and returns
-// clients for it. The server stops when the test ends.
+// start runs the example as main would, on a free port, with the built-in
+// configuration failing closed with a long store timeout (its leases of 30s
+// allow up to 3s): on a busy test machine a slow store must fail the test,
+// never let calls through uncharged. It returns clients for it; the server
+// stops when the test ends.
 func start(t *testing.T, args ...string) *example {
 	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	addrc := make(chan string, 1)
-	done := make(chan error, 1)
-	// The built-in configuration, failing closed with a long store timeout
-	// (its leases of 30s allow up to 3s): on a busy test machine a slow
-	// store must fail the test, never let calls through uncharged.
 	config := filepath.Join(t.TempDir(), "config.yaml")
 	if err := os.WriteFile(config, append(slices.Clone(defaultConfig), "\nfailure_policy: closed\nstore_timeout: 3s\n"...), 0o600); err != nil {
 		t.Fatal(err)
 	}
+	url := serveExample(t, append([]string{"-config", config}, args...)...)
+	return &example{
+		ai:    aiservicev1connect.NewAIServiceClient(http.DefaultClient, url),
+		quota: connectlimitv1connect.NewQuotaServiceClient(http.DefaultClient, url),
+	}
+}
+
+// serveExample runs the example as main would with args, on a free port,
+// and returns its base URL. The server stops when the test ends.
+func serveExample(t *testing.T, args ...string) string {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	addrc := make(chan string, 1)
+	done := make(chan error, 1)
 	go func() {
-		done <- run(ctx, append([]string{"-addr", "127.0.0.1:0", "-chunk-delay", "0", "-config", config}, args...), io.Discard, func(a string) { addrc <- a })
+		done <- run(ctx, append([]string{"-addr", "127.0.0.1:0", "-chunk-delay", "0"}, args...), io.Discard, func(a string) { addrc <- a })
 	}()
 	var exited bool // run's result was already received
 	t.Cleanup(func() {
@@ -61,17 +72,14 @@ func start(t *testing.T, args ...string) *example {
 	})
 	select {
 	case addr := <-addrc:
-		return &example{
-			ai:    aiservicev1connect.NewAIServiceClient(http.DefaultClient, "http://"+addr),
-			quota: connectlimitv1connect.NewQuotaServiceClient(http.DefaultClient, "http://"+addr),
-		}
+		return "http://" + addr
 	case err := <-done:
 		exited = true
 		t.Fatalf("run exited early: %v", err)
 	case <-time.After(30 * time.Second):
 		t.Fatal("server did not start in 30s")
 	}
-	return nil
+	return ""
 }
 
 // withKey sends apiKey, if any, as a bearer token.
