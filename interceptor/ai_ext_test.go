@@ -58,8 +58,8 @@ type msg = dynamicpb.Message
 type aiFixture struct {
 	// gate releases the calls whose topic starts with "gate,"; gates, by
 	// name, those whose topic starts with "gate=NAME,".
-	gate   chan struct{}
-	gates  sync.Map // string → chan struct{}
+	gate  chan struct{}
+	gates sync.Map // string → chan struct{}
 	// atGate counts the calls that reached a gate, by name ("" for gate).
 	atGate sync.Map // string → *atomic.Int64
 	cfg    costmap.Config

@@ -7,8 +7,8 @@ import (
 
 	"connectrpc.com/connect"
 
-	aiservicev1 "github.com/connectlimit/connectlimit/examples/aiservice/gen/aiservice/v1"
 	"github.com/connectlimit/connectlimit/costmap"
+	aiservicev1 "github.com/connectlimit/connectlimit/examples/aiservice/gen/aiservice/v1"
 )
 
 // TestReadmeSmallExample checks the README's "A small example": the
