@@ -336,6 +336,10 @@ type Decision struct {
 	// pay its cost, assuming nobody else takes from them. It is zero when
 	// the request was allowed, and also when it can never be allowed
 	// because a cost exceeds its bucket's capacity (see [Decision.OverCapacity]).
+	// It is exact up to the float64 rounding of a store's refill from the
+	// level it stored, a few 1e-16 of that level: waiting it is always
+	// enough unless a bucket carries a debt of billions of its capacity, when
+	// a retry may come a few nanoseconds early.
 	RetryAfter time.Duration
 	// Buckets has one entry for each charge of the request, in order.
 	Buckets []BucketState

@@ -189,9 +189,12 @@ func DecodeYAML(data []byte, v any) error {
 // Failure policies a [ProcedureConfig] may name. The interceptor package
 // documents what each does.
 const (
-	PolicyOpen   = "open"
+	// PolicyOpen lets a call through without a decision.
+	PolicyOpen = "open"
+	// PolicyClosed refuses a call the store cannot decide.
 	PolicyClosed = "closed"
-	PolicyLocal  = "local"
+	// PolicyLocal decides a call in memory at a share of every limit.
+	PolicyLocal = "local"
 )
 
 // MaxConcurrency is the largest concurrency limit: far more calls than one

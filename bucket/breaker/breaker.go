@@ -160,6 +160,7 @@ func New(store bucket.Store, opts ...Option) *Breaker {
 // openError is the error of a call an open Breaker refused.
 type openError struct{ msg string }
 
+// Error returns the message naming the failure that opened the Breaker.
 func (e *openError) Error() string { return e.msg }
 
 // Is reports that the call was not applied because the store is
