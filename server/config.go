@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"maps"
 	"net/netip"
+	"net/url"
 	"os"
 	"slices"
 	"strings"
@@ -75,7 +76,29 @@ type Config struct {
 	// IdleTimeout is how long an idle keep-alive connection stays open.
 	// Unset means [DefaultIdleTimeout]; 0s means none.
 	IdleTimeout *time.Duration `yaml:"idle_timeout"`
+	// CORS lets browser code on other origins call the server.
+	CORS CORS `yaml:"cors"`
 }
+
+// CORS is the server's cross-origin resource sharing policy, for
+// browsers calling it with connect-web from pages on other origins.
+type CORS struct {
+	// AllowedOrigins lists the origins ("https://app.example.com", scheme,
+	// host and port, nothing else) whose pages may call the server; "*"
+	// allows any. None by default: browsers then refuse cross-origin calls.
+	// Allowed origins may send the Connect, gRPC-Web and Authorization
+	// headers, and read the limiter's headers (RateLimit,
+	// RateLimit-Policy, Retry-After, Connectlimit-Warning) as well as
+	// Connect's and gRPC-Web's.
+	AllowedOrigins []string `yaml:"allowed_origins"`
+	// MaxAge is how long a browser may cache a preflight answer; zero
+	// means [DefaultCORSMaxAge].
+	MaxAge time.Duration `yaml:"max_age"`
+}
+
+// DefaultCORSMaxAge is how long browsers cache a preflight answer unless
+// cors.max_age says otherwise.
+const DefaultCORSMaxAge = 2 * time.Hour
 
 // APIKey describes the owner of an API key.
 type APIKey struct {
@@ -194,6 +217,9 @@ func (cfg Config) Validate() error {
 		}
 	}
 	if _, err := cfg.trustedProxies(); err != nil {
+		return err
+	}
+	if err := cfg.CORS.validate(); err != nil {
 		return err
 	}
 	names := map[string]string{} // key name → user of the first key with it
@@ -342,4 +368,24 @@ func keyName(key string, owner APIKey) string {
 	}
 	digest := sha256.Sum256([]byte(key))
 	return "sha256:" + hex.EncodeToString(digest[:6])
+}
+
+// validate checks that every allowed origin is "*" or a bare origin: an
+// http or https scheme and a host, with no path, query or trailing slash,
+// since browsers send exactly that in Origin and a near miss would never
+// match.
+func (c CORS) validate() error {
+	for i, o := range c.AllowedOrigins {
+		if o == "*" {
+			continue
+		}
+		u, err := url.Parse(o)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.Path != "" || u.RawQuery != "" || u.Fragment != "" || u.User != nil {
+			return fmt.Errorf("server: cors.allowed_origins[%d] must be \"*\" or an origin like \"https://app.example.com\" (scheme and host, no path), got %q", i, o)
+		}
+	}
+	if c.MaxAge < 0 {
+		return fmt.Errorf("server: cors.max_age must not be negative, got %v", c.MaxAge)
+	}
+	return nil
 }

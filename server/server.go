@@ -29,7 +29,9 @@ import (
 
 	"connectrpc.com/authn"
 	"connectrpc.com/connect"
+	connectcors "connectrpc.com/cors"
 	"github.com/redis/go-redis/v9"
+	"github.com/rs/cors"
 	"google.golang.org/protobuf/reflect/protoreflect"
 
 	"github.com/connectlimit/connectlimit/bucket"
@@ -193,7 +195,7 @@ func (s *Server) build() error {
 		return err
 	}
 	s.keys = s.cfg.apiKeys()
-	s.handler = s.active.track(s.limitUnaryBodies(authn.NewMiddleware(s.authenticate).Wrap(s.mux)))
+	s.handler = s.active.track(s.cors(s.limitUnaryBodies(authn.NewMiddleware(s.authenticate).Wrap(s.mux))))
 	s.closers = append(s.closers, func() error {
 		ctx, cancel := context.WithTimeout(context.Background(), s.opts.shutdownTimeout)
 		defer cancel()
@@ -346,6 +348,27 @@ func (s *Server) Close() error {
 	}
 	s.closers = nil
 	return errors.Join(errs...)
+}
+
+// cors answers CORS preflights and marks responses for the configured
+// origins, before authentication (a preflight carries no credentials). It
+// returns h itself when no origin is allowed.
+func (s *Server) cors(h http.Handler) http.Handler {
+	origins := s.cfg.CORS.AllowedOrigins
+	if len(origins) == 0 {
+		return h
+	}
+	maxAge := s.cfg.CORS.MaxAge
+	if maxAge == 0 {
+		maxAge = DefaultCORSMaxAge
+	}
+	return cors.New(cors.Options{
+		AllowedOrigins: origins,
+		AllowedMethods: connectcors.AllowedMethods(),
+		AllowedHeaders: append(connectcors.AllowedHeaders(), "Authorization"),
+		ExposedHeaders: append(connectcors.ExposedHeaders(), interceptor.HeaderNames()...),
+		MaxAge:         int(maxAge / time.Second),
+	}).Handler(h)
 }
 
 // limitUnaryBodies refuses, before reading a byte of it, a Connect unary

@@ -76,6 +76,9 @@ func TestParseConfigErrors(t *testing.T) {
 	}
 }
 
+// parse parses a configuration, as LoadConfig does.
+func parse(yaml string) (server.Config, error) { return server.ParseConfig([]byte(yaml)) }
+
 // serveYAML builds a server from a configuration, serves it as serve does
 // and returns the procedure's URL.
 func serveYAML(t *testing.T, yaml string, opts ...server.Option) string {

@@ -28,6 +28,14 @@ var allowed = map[string][]string{
 		"connectrpc.com/connect", "connectrpc.com/authn",
 		"google.golang.org/genproto/googleapis/rpc/errdetails", "google.golang.org/protobuf/",
 	},
+	// The Go client kit: the client interceptor reads what servers send,
+	// and knows no store; the outbound limiter takes its store from the
+	// caller, and knows no Connect.
+	"client": {
+		module + "/bucket",
+		"connectrpc.com/connect", "google.golang.org/genproto/googleapis/rpc/errdetails", "google.golang.org/protobuf/",
+	},
+	"outbound": {module + "/bucket"},
 }
 
 func TestImportDirection(t *testing.T) {
@@ -121,6 +129,18 @@ func TestCheck(t *testing.T) {
 		{"examples/aiservice", module + "/server", true},
 		{"examples/aiservice", module + "/internal/prototest", false},
 		{"interceptor", module + "/server", false},
+		{"client", "connectrpc.com/connect", true},
+		{"client", "google.golang.org/genproto/googleapis/rpc/errdetails", true},
+		{"client", module + "/interceptor", false},
+		{"client", module + "/server", false},
+		{"client", module + "/internal/redistest", false},
+		{"client", module + "/bucket/memstore", false},
+		{"outbound", module + "/bucket", true},
+		{"outbound", module + "/bucket/memstore", false},
+		{"outbound", module + "/bucket/redisstore", false},
+		{"outbound", "github.com/redis/go-redis/v9", false},
+		{"outbound", "connectrpc.com/connect", false},
+		{"outbound", module + "/client", false},
 	} {
 		if got := check(tc.dir, tc.imp) == ""; got != tc.wantOK {
 			t.Errorf("check(%q, %q) ok = %v, want %v", tc.dir, tc.imp, got, tc.wantOK)

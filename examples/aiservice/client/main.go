@@ -12,7 +12,13 @@
 // With -quota it only prints where the caller stands in every bucket of its
 // tier, without charging anything.
 //
+// With -pace the calls go through connectlimit's Go client interceptor
+// (package client), which knows what a Search costs: it holds each call
+// until the caller's search bucket can pay it, so that no call is denied,
+// and retries a denial that comes anyway after its RetryInfo wait.
+//
 //	go run ./examples/aiservice/client -n 70
+//	go run ./examples/aiservice/client -n 70 -pace
 //	go run ./examples/aiservice/client -key demo-key-alice -n 3 -report
 //	go run ./examples/aiservice/client -key demo-key-pro -quota
 package main
@@ -31,6 +37,7 @@ import (
 	"connectrpc.com/connect"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 
+	"github.com/connectlimit/connectlimit/client"
 	aiservicev1 "github.com/connectlimit/connectlimit/examples/aiservice/gen/aiservice/v1"
 	"github.com/connectlimit/connectlimit/examples/aiservice/gen/aiservice/v1/aiservicev1connect"
 	connectlimitv1 "github.com/connectlimit/connectlimit/proto/connectlimit/v1"
@@ -46,11 +53,24 @@ func main() {
 	topic := flag.String("topic", "rate limiting for LLM APIs", "GenerateReport topic (with -report)")
 	maxTokens := flag.Int("max-tokens", 1000, "GenerateReport max_tokens (with -report)")
 	quota := flag.Bool("quota", false, "only print the caller's quota (connectlimit.v1.QuotaService/GetQuota)")
+	pace := flag.Bool("pace", false, "hold each Search until the caller's search bucket can pay it, instead of being denied")
 	flag.Parse()
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()
-	client := aiservicev1connect.NewAIServiceClient(http.DefaultClient, *addr)
+	var opts []connect.ClientOption
+	if *pace {
+		limits, err := client.NewInterceptor(
+			client.WithCost(aiservicev1connect.AIServiceSearchProcedure, "search", 1),
+			client.WithMaxWait(time.Minute),
+		)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "client: %v\n", err)
+			os.Exit(1)
+		}
+		opts = append(opts, connect.WithInterceptors(limits))
+	}
+	ai := aiservicev1connect.NewAIServiceClient(http.DefaultClient, *addr, opts...)
 	quotas := connectlimitv1connect.NewQuotaServiceClient(http.DefaultClient, *addr)
 
 	if *quota {
@@ -60,12 +80,12 @@ func main() {
 		}
 		return
 	}
-	if err := search(ctx, client, *key, *query, *n); err != nil {
+	if err := search(ctx, ai, *key, *query, *n); err != nil {
 		fmt.Fprintf(os.Stderr, "search: %v\n", err)
 		os.Exit(1)
 	}
 	if *report {
-		if err := generateReport(ctx, client, quotas, *key, *topic, *maxTokens); err != nil {
+		if err := generateReport(ctx, ai, quotas, *key, *topic, *maxTokens); err != nil {
 			fmt.Fprintf(os.Stderr, "generate report: %v\n", err)
 			os.Exit(1)
 		}

@@ -60,10 +60,12 @@ type Usage struct {
 }
 
 // Model is a deterministic fake language model. Create one with [New]. A
-// Model is immutable and safe for concurrent use by multiple goroutines.
+// Model is safe for concurrent use by multiple goroutines; it is immutable
+// but for its rate limit (see [WithRateLimit]).
 type Model struct {
 	chunkDelay  time.Duration
 	chunkTokens int
+	limit       *rateLimit
 }
 
 // Option configures a [Model].
@@ -116,7 +118,9 @@ func CountTokens(text string) int {
 // tokens (so a completion has at most 335 tokens); it never emits more than
 // maxTokens completion tokens. maxTokens must be positive, or
 // Complete returns an error wrapping [ErrInvalidArgument] without calling
-// yield.
+// yield. A model with a rate limit ([WithRateLimit]) first charges the
+// prompt's tokens plus maxTokens, and refuses a call it cannot pay with a
+// [*RateLimitError] (wrapping [ErrRateLimited]), without calling yield.
 //
 // Complete stops early if ctx is done (returning ctx's error) or if yield
 // returns an error (returning that error). In both cases the returned Usage
@@ -127,6 +131,11 @@ func (m *Model) Complete(ctx context.Context, prompt string, maxTokens int, yiel
 		return Usage{}, fmt.Errorf("%w: maxTokens %d must be positive", ErrInvalidArgument, maxTokens)
 	}
 	usage := Usage{PromptTokens: CountTokens(prompt)}
+	if m.limit != nil {
+		if err := m.limit.take(usage.PromptTokens + maxTokens); err != nil {
+			return Usage{}, err
+		}
+	}
 	usage.TotalTokens = usage.PromptTokens
 	tokens := generate(prompt, maxTokens)
 	for start := 0; start < len(tokens); start += m.chunkTokens {

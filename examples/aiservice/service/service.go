@@ -15,27 +15,59 @@ import (
 	aiservicev1 "github.com/connectlimit/connectlimit/examples/aiservice/gen/aiservice/v1"
 	"github.com/connectlimit/connectlimit/examples/aiservice/gen/aiservice/v1/aiservicev1connect"
 	"github.com/connectlimit/connectlimit/examples/aiservice/llm"
+	"github.com/connectlimit/connectlimit/outbound"
 )
 
 // MaxMaxTokens is the largest max_tokens a GenerateReport request may ask for.
 const MaxMaxTokens = 32768
 
+// ModelAttempts is how many times GenerateReport asks the model for one
+// report, behind an outbound limiter (see [WithLimiter]), when the model
+// refuses for its rate limit.
+const ModelAttempts = 5
+
 // Service implements [aiservicev1connect.AIServiceHandler]. Search answers
 // from [llm.Search]; GenerateReport streams a completion of [llm.Model].
 // Create one with [New]. A Service is safe for concurrent use.
 type Service struct {
-	model *llm.Model
+	model   *llm.Model
+	limiter *outbound.Limiter
 }
 
 var _ aiservicev1connect.AIServiceHandler = (*Service)(nil)
 
+// Option configures a [Service].
+type Option interface {
+	apply(*Service)
+}
+
+type optionFunc func(*Service)
+
+func (f optionFunc) apply(s *Service) { f(s) }
+
+// WithLimiter puts the model behind an outbound limiter, as a service puts
+// a rate-limited LLM provider: each report waits until the limiter can pay
+// its prompt's tokens plus max_tokens (what the model charges), and when
+// the model refuses for its rate limit ([llm.ErrRateLimited]) the refusal
+// is fed back to the limiter, which slows down, and the report is asked
+// for again, up to [ModelAttempts] times, so that the model's limit does not
+// reach callers. By default there is no limiter, and a refusal fails the
+// report with [connect.CodeUnavailable].
+func WithLimiter(l *outbound.Limiter) Option {
+	return optionFunc(func(s *Service) { s.limiter = l })
+}
+
 // New returns a [Service] that generates reports with model. A nil model
 // means llm.New() (no streaming delay).
-func New(model *llm.Model) *Service {
+func New(model *llm.Model, opts ...Option) *Service {
 	if model == nil {
 		model = llm.New()
 	}
-	return &Service{model: model}
+	s := &Service{model: model}
+	for _, o := range opts {
+		o.apply(s)
+	}
+	return s
 }
 
 // Search returns the corpus documents that best match the request's query.
@@ -88,7 +120,7 @@ func (s *Service) GenerateReport(
 	// instead of an extra, empty one.
 	var pending *aiservicev1.GenerateReportResponse
 	prompt := "Write a short report about " + strings.TrimSpace(topic) + "."
-	usage, err := s.model.Complete(ctx, prompt, int(maxTokens), func(chunk llm.Chunk) error {
+	usage, err := s.complete(ctx, prompt, int(maxTokens), func(chunk llm.Chunk) error {
 		if pending != nil {
 			if err := stream.Send(pending); err != nil {
 				return err
@@ -110,6 +142,47 @@ func (s *Service) GenerateReport(
 	}
 	return stream.Send(pending)
 }
+
+// complete asks the model for a completion, through the limiter if there
+// is one. The model refuses a call before it yields anything, so a refused
+// call can be asked for again.
+func (s *Service) complete(ctx context.Context, prompt string, maxTokens int, yield func(llm.Chunk) error) (llm.Usage, error) {
+	for attempt := 1; ; attempt++ {
+		var permit *outbound.Permit // nil without a limiter: Done does nothing
+		if s.limiter != nil {
+			var err error
+			if permit, err = s.limiter.Wait(ctx, float64(llm.CountTokens(prompt)+maxTokens)); err != nil {
+				return llm.Usage{}, limiterError(err)
+			}
+		}
+		usage, err := s.model.Complete(ctx, prompt, maxTokens, yield)
+		var limited *llm.RateLimitError
+		if !errors.As(err, &limited) {
+			permit.Done(outbound.Feedback{})
+			return usage, err
+		}
+		permit.Done(outbound.Feedback{Limited: true, RetryAfter: limited.RetryAfter, Header: limited.Header()})
+		if s.limiter == nil || attempt == ModelAttempts {
+			return usage, err
+		}
+	}
+}
+
+// limiterError converts an error of the outbound limiter's Wait.
+func limiterError(err error) error {
+	switch {
+	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
+		return err
+	case errors.Is(err, outbound.ErrOverCapacity):
+		return fmt.Errorf("%w: the report is larger than the model's rate limit allows at once", llm.ErrInvalidArgument)
+	default:
+		return errLimiter
+	}
+}
+
+// errLimiter is what a report gets when the outbound limiter's store
+// fails; the store's error stays out of the client's message.
+var errLimiter = errors.New("the model's rate limiter is unavailable")
 
 // invalidArgument returns a [connect.CodeInvalidArgument] error that names
 // the offending field and value, with a google.rpc.BadRequest detail for
@@ -134,6 +207,10 @@ func modelError(err error) error {
 	switch {
 	case errors.Is(err, llm.ErrInvalidArgument):
 		return connect.NewError(connect.CodeInvalidArgument, err)
+	case errors.Is(err, llm.ErrRateLimited), errors.Is(err, errLimiter):
+		// The model is busy, not the caller over its quota: not
+		// resource_exhausted, which clients read as their own limit.
+		return connect.NewError(connect.CodeUnavailable, errors.New("the model is busy; try again shortly"))
 	case errors.Is(err, context.Canceled):
 		return connect.NewError(connect.CodeCanceled, err)
 	case errors.Is(err, context.DeadlineExceeded):
