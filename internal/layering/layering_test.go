@@ -4,6 +4,7 @@ import (
 	"go/parser"
 	"go/token"
 	"io/fs"
+	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -23,10 +24,14 @@ var allowed = map[string][]string{
 	"bucket/buckettest": {module + "/bucket"},
 	"bucket/redisstore": {module + "/bucket", "github.com/redis/go-redis/v9"},
 	"costmap":           {module + "/bucket", module + "/proto/connectlimit/v1", "google.golang.org/protobuf/", "go.yaml.in/yaml/v3", "cel.dev/cel-go/"},
+	// limiter is the accounting both connect-go majors share: no connect.
+	"limiter": {
+		module + "/bucket", module + "/bucket/breaker", module + "/costmap", module + "/proto/connectlimit/v1",
+		"google.golang.org/genproto/googleapis/rpc/errdetails", "google.golang.org/genproto/googleapis/rpc/code", "google.golang.org/protobuf/",
+	},
 	"interceptor": {
-		module + "/bucket", module + "/bucket/breaker", module + "/costmap", module + "/proto/connectlimit/v1", module + "/proto/connectlimit/v1/connectlimitv1connect",
-		"connectrpc.com/connect", "connectrpc.com/authn",
-		"google.golang.org/genproto/googleapis/rpc/errdetails", "google.golang.org/protobuf/",
+		module + "/bucket", module + "/costmap", module + "/limiter", module + "/proto/connectlimit/v1", module + "/proto/connectlimit/v1/connectlimitv1connect",
+		"connectrpc.com/connect", "connectrpc.com/authn", "google.golang.org/protobuf/",
 	},
 	// The Go client kit: the client interceptor reads what servers send,
 	// and knows no store; the outbound limiter takes its store from the
@@ -52,6 +57,11 @@ func TestImportDirection(t *testing.T) {
 		}
 		if d.IsDir() {
 			if name := d.Name(); path != root && (strings.HasPrefix(name, ".") || name == "node_modules" || name == "tools") {
+				return filepath.SkipDir
+			}
+			// A directory with a go.mod of its own is another module
+			// (interceptor/v2, internal/conformance): not this one's.
+			if _, err := os.Stat(filepath.Join(path, "go.mod")); path != root && err == nil {
 				return filepath.SkipDir
 			}
 			return nil

@@ -1,4 +1,4 @@
-package interceptor
+package limiter
 
 import (
 	"context"
@@ -12,31 +12,34 @@ import (
 	"sync"
 	"time"
 
-	"connectrpc.com/connect"
+	"google.golang.org/genproto/googleapis/rpc/code"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/connectlimit/connectlimit/bucket"
 	"github.com/connectlimit/connectlimit/costmap"
 )
 
-// account is one limited call's accounting, in the spirit of x/time/rate's
+// Call is one limited call's accounting, in the spirit of x/time/rate's
 // Reservation: one value that owns the call's charges, knows what the store
 // and the local store hold for it, and settles them when the call ends.
+// [Limiter.Start] makes it; its methods are safe for concurrent use, as a
+// stream's Receive and Send may run in two goroutines at once.
 //
 // Every request it sends to the store carries an ID derived from the
 // call's: ".r" for the reservation, ".e<n>" for a stream's excess and
 // ".m<n>" for a stream's messages, ".s" for the settlement. A request whose
 // outcome is unknown (its reply was lost) is resent in the background as an
 // adjustment with the same ID, which the store applies only if the first
-// one was not: so the account counts it as held by the store, and the
+// one was not: so the call counts it as held by the store, and the
 // settlement, which charges the difference between what the call used and
 // what the store holds, is exact either way.
-type account struct {
-	ic         *Interceptor
+type Call struct {
+	ic         *Limiter
 	procedure  string
 	rule       *costmap.Rule
 	tier       *costmap.Tier
 	subject    string
+	stream     StreamType
 	perMessage bool // client and bidi streams: every received message is charged
 	policy     FailurePolicy
 	id         string
@@ -56,6 +59,7 @@ type account struct {
 	decisionIsLocal bool
 	actualFailed    bool // an actual expression failed: keep reservations
 	settled         bool
+	received        bool // a server stream received its request
 	// job is the call's chain of background steps (resolutions of unknown
 	// outcomes, then the settlement), applied in order; nil if none.
 	job *job
@@ -78,35 +82,38 @@ type charge struct {
 	isReported bool
 }
 
-func newAccount(i *Interceptor, procedure string, stream connect.StreamType, rule *costmap.Rule, tier *costmap.Tier, subject string) *account {
+func newCall(i *Limiter, procedure string, stream StreamType, rule *costmap.Rule, tier *costmap.Tier, subject string) *Call {
 	policy := i.cfg.policy
 	if p := rule.FailurePolicy(); p != "" {
 		policy, _ = ParseFailurePolicy(p) // costmap validated it
 	}
 	var b [12]byte
 	_, _ = rand.Read(b[:]) // crypto/rand.Read never fails
-	return &account{
+	return &Call{
 		ic: i, procedure: procedure, rule: rule, tier: tier, subject: subject, policy: policy,
-		perMessage: stream == connect.StreamTypeClient || stream == connect.StreamTypeBidi,
+		stream:     stream,
+		perMessage: stream == ClientStream || stream == BidiStream,
 		id:         base64.RawURLEncoding.EncodeToString(b[:]),
 	}
 }
 
 // price evaluates the rule's costs for msg.
-func (a *account) price(msg proto.Message) ([]bucket.Charge, error) {
+func (a *Call) price(msg proto.Message) ([]bucket.Charge, error) {
 	charges, err := a.rule.Charges(a.tier, msg)
 	if err == nil {
 		return charges, nil
 	}
 	if evalErr := new(costmap.EvalError); errors.As(err, &evalErr) {
-		return nil, connect.NewError(connect.CodeInvalidArgument,
-			fmt.Errorf("connectlimit: cannot price this request: bucket %q: cost expression %q: %w", evalErr.Bucket, evalErr.Expression, evalErr.Err))
+		e := newError(code.Code_INVALID_ARGUMENT,
+			fmt.Sprintf("connectlimit: cannot price this request: bucket %q: cost expression %q: %v", evalErr.Bucket, evalErr.Expression, evalErr.Err))
+		e.cause = err
+		return nil, e
 	}
-	return nil, connect.NewError(connect.CodeInternal, errors.New("connectlimit: cannot price this request"))
+	return nil, internalError("cannot price this request")
 }
 
 // initLocked makes the call's charges from the rule's, with no cost held.
-func (a *account) initLocked(costs []bucket.Charge) {
+func (a *Call) initLocked(costs []bucket.Charge) {
 	if a.charges != nil {
 		return
 	}
@@ -132,7 +139,7 @@ type verdict struct {
 	inLocal bool // the local store took the cost
 	// err refuses the call (a denial, unavailable, cancelled); nil allows
 	// it.
-	err error
+	err *Error
 }
 
 // decide takes costs for the call from the store under ID id and, when
@@ -140,7 +147,7 @@ type verdict struct {
 // an unknown outcome is resent with the same ID (the store reports a
 // duplicate if the first one was applied) until the store answers, says it
 // cannot (not applied), or the call's wait for the store runs out.
-func (a *account) decide(ctx context.Context, costs []bucket.Charge, id, op string, resend bool) verdict {
+func (a *Call) decide(ctx context.Context, costs []bucket.Charge, id, op string, resend bool) verdict {
 	back := a.ic.back
 	req := bucket.Request{Subject: a.subject, Charges: costs, ID: id, IDWindow: a.ic.idWindow}
 	d, err := back.take(ctx, req)
@@ -165,13 +172,13 @@ func (a *account) decide(ctx context.Context, costs []bucket.Charge, id, op stri
 	}
 	if err == nil {
 		if !d.Allowed {
-			return verdict{decision: &d, err: DenialError(a.subject, d)}
+			return verdict{decision: &d, err: Denial(a.subject, d)}
 		}
 		return verdict{decision: &d, inStore: true}
 	}
 	if errors.Is(err, bucket.ErrInvalidRequest) {
 		a.ic.cfg.logger.ErrorContext(ctx, "connectlimit: store refused a request as invalid", "op", op, "procedure", a.procedure, "subject", a.subject, "error", err)
-		return verdict{err: connect.NewError(connect.CodeInternal, errors.New("connectlimit: cannot charge this call"))}
+		return verdict{err: internalError("cannot charge this call")}
 	}
 	if unknown {
 		// Resolve it exactly once: an adjustment with the same ID charges
@@ -197,30 +204,21 @@ func (a *account) decide(ctx context.Context, costs []bucket.Charge, id, op stri
 		}
 		back.localDecisions.Add(1)
 		if !ld.Allowed {
-			return verdict{decision: &ld, local: true, inStore: unknown, err: DenialError(a.subject, ld)}
+			return verdict{decision: &ld, local: true, inStore: unknown, err: Denial(a.subject, ld)}
 		}
 		return verdict{decision: &ld, local: true, inStore: unknown, inLocal: true}
 	}
 }
 
-// contextError is the error for a call whose context ended.
-func contextError(err error) error {
-	code := connect.CodeCanceled
-	if errors.Is(err, context.DeadlineExceeded) {
-		code = connect.CodeDeadlineExceeded
-	}
-	return connect.NewError(code, err)
-}
-
 // follow queues req in the call's chain of background steps, after those
 // already queued.
-func (a *account) follow(ctx context.Context, req bucket.Request, cause error) {
+func (a *Call) follow(ctx context.Context, req bucket.Request, cause error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.followLocked(ctx, req, cause)
 }
 
-func (a *account) followLocked(ctx context.Context, req bucket.Request, cause error) {
+func (a *Call) followLocked(ctx context.Context, req bucket.Request, cause error) {
 	if a.job == nil {
 		a.job = a.ic.settler.newJob(a.procedure)
 	}
@@ -228,7 +226,7 @@ func (a *account) followLocked(ctx context.Context, req bucket.Request, cause er
 }
 
 // setDecisionLocked records the decision to report in headers.
-func (a *account) setDecisionLocked(v verdict) {
+func (a *Call) setDecisionLocked(v verdict) {
 	if v.decision == nil {
 		return
 	}
@@ -242,7 +240,7 @@ func (a *account) setDecisionLocked(v verdict) {
 
 // reserve takes the call's cost from every bucket at once. It returns the
 // error that refuses the call: a denial, a pricing error, or unavailable.
-func (a *account) reserve(ctx context.Context, msg proto.Message) error {
+func (a *Call) reserve(ctx context.Context, msg proto.Message) error {
 	if a.rule.NumCharges() == 0 {
 		return nil // limited only by concurrency
 	}
@@ -268,12 +266,13 @@ func (a *account) reserve(ctx context.Context, msg proto.Message) error {
 	if v.err != nil {
 		// The call never runs: give back whatever is held.
 		a.settle(ctx, endRejected)
+		return v.err
 	}
-	return v.err
+	return nil
 }
 
 // chargeMessage charges one received message of a client or bidi stream.
-func (a *account) chargeMessage(ctx context.Context, msg proto.Message) error {
+func (a *Call) chargeMessage(ctx context.Context, msg proto.Message) error {
 	costs, err := a.price(msg)
 	if err != nil {
 		return err
@@ -295,12 +294,15 @@ func (a *account) chargeMessage(ctx context.Context, msg proto.Message) error {
 		}
 	}
 	a.setDecisionLocked(v)
-	return v.err
+	if v.err != nil {
+		return v.err
+	}
+	return nil
 }
 
 // addActual counts the actual usage one response message reports. An
 // expression that fails is logged, and the call then keeps its reservation.
-func (a *account) addActual(ctx context.Context, msg proto.Message) {
+func (a *Call) addActual(ctx context.Context, msg proto.Message) {
 	if !a.rule.Metered() {
 		return
 	}
@@ -322,13 +324,13 @@ func (a *account) addActual(ctx context.Context, msg proto.Message) {
 }
 
 // meteredLocked reports whether charge i is settled to its usage.
-func (a *account) meteredLocked(i int) bool {
+func (a *Call) meteredLocked(i int) bool {
 	c := &a.charges[i]
 	return c.isReported || (c.metered && !a.actualFailed)
 }
 
 // usedLocked is the usage counted for charge i so far.
-func (a *account) usedLocked(i int) float64 {
+func (a *Call) usedLocked(i int) float64 {
 	c := &a.charges[i]
 	used := c.reported
 	if c.metered && !a.actualFailed {
@@ -347,7 +349,7 @@ const (
 )
 
 // finalLocked is what charge i finally costs.
-func (a *account) finalLocked(i int, end ending) float64 {
+func (a *Call) finalLocked(i int, end ending) float64 {
 	c := &a.charges[i]
 	switch {
 	case end == endRejected:
@@ -374,7 +376,7 @@ func (a *account) finalLocked(i int, end ending) float64 {
 // could be lost to the capacity cap. If it certainly did not reach the
 // store, it is merged into the caller's pending balance; if its outcome is
 // unknown, it is resent with the same ID.
-func (a *account) settle(ctx context.Context, end ending) *bucket.Decision {
+func (a *Call) settle(ctx context.Context, end ending) *bucket.Decision {
 	a.mu.Lock()
 	if a.settled || a.charges == nil {
 		d := a.decision
@@ -443,7 +445,7 @@ func merge(base *bucket.Decision, update bucket.Decision) *bucket.Decision {
 
 // chargeExcess takes, on a server stream, the usage counted beyond what the
 // store holds. It returns the error that ends the stream, if any.
-func (a *account) chargeExcess(ctx context.Context) error {
+func (a *Call) chargeExcess(ctx context.Context) error {
 	a.mu.Lock()
 	var excess []bucket.Charge
 	var idx []int
@@ -485,7 +487,7 @@ func (a *account) chargeExcess(ctx context.Context) error {
 	if v.err == nil {
 		return nil
 	}
-	if ce := new(connect.Error); errors.As(v.err, &ce) && ce.Code() == connect.CodeResourceExhausted &&
+	if v.err.Code == code.Code_RESOURCE_EXHAUSTED &&
 		total <= a.ic.cfg.overdraft && v.decision != nil && !v.decision.OverCapacity() {
 		return nil // within the overdraft: settled into debt at the end
 	}
@@ -493,16 +495,16 @@ func (a *account) chargeExcess(ctx context.Context) error {
 }
 
 // currentDecision returns the latest decision, for headers.
-func (a *account) currentDecision() *bucket.Decision {
+func (a *Call) currentDecision() *bucket.Decision {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	return a.decision
 }
 
-type accountKey struct{}
+type callKey struct{}
 
-func withAccount(ctx context.Context, a *account) context.Context {
-	return context.WithValue(ctx, accountKey{}, a)
+func withCall(ctx context.Context, a *Call) context.Context {
+	return context.WithValue(ctx, callKey{}, a)
 }
 
 // ReportUsage records, from inside a handler, that the current call used
@@ -515,12 +517,12 @@ func withAccount(ctx context.Context, a *account) context.Context {
 // charge the bucket, or tokens is negative, not finite, or would take the
 // call's total past [bucket.MaxTokens].
 func ReportUsage(ctx context.Context, bucketName string, tokens float64) error {
-	a, ok := ctx.Value(accountKey{}).(*account)
+	a, ok := ctx.Value(callKey{}).(*Call)
 	if !ok {
-		return errors.New("interceptor: ReportUsage: the context is not a rate-limited call's")
+		return errors.New("limiter: ReportUsage: the context is not a rate-limited call's")
 	}
 	if !(tokens >= 0 && tokens <= bucket.MaxTokens) {
-		return fmt.Errorf("interceptor: ReportUsage: tokens must be a number from 0 to %g, got %v", bucket.MaxTokens, tokens)
+		return fmt.Errorf("limiter: ReportUsage: tokens must be a number from 0 to %g, got %v", bucket.MaxTokens, tokens)
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -530,11 +532,92 @@ func ReportUsage(ctx context.Context, bucketName string, tokens float64) error {
 			continue
 		}
 		if c.reported+tokens > bucket.MaxTokens {
-			return fmt.Errorf("interceptor: ReportUsage: bucket %q: %v more tokens would take the call's reported total past %g", bucketName, tokens, bucket.MaxTokens)
+			return fmt.Errorf("limiter: ReportUsage: bucket %q: %v more tokens would take the call's reported total past %g", bucketName, tokens, bucket.MaxTokens)
 		}
 		c.reported += tokens
 		c.isReported = true
 		return nil
 	}
-	return fmt.Errorf("interceptor: ReportUsage: procedure %s does not reserve from bucket %q", a.procedure, bucketName)
+	return fmt.Errorf("limiter: ReportUsage: procedure %s does not reserve from bucket %q", a.procedure, bucketName)
 }
+
+// Reserve takes the call's cost from every bucket at once, priced on msg:
+// the request of a unary call or of a server stream, or nil when the rule
+// needs none (see [Call.ReservesOnStart]). It returns the *[Error] that
+// refuses the call (a denial, a pricing error, unavailable), which has
+// then been settled to nothing; the caller still calls [Call.End].
+func (a *Call) Reserve(ctx context.Context, msg proto.Message) error {
+	return a.reserve(ctx, msg)
+}
+
+// ReservesOnStart reports whether a stream's cost must be reserved before
+// its handler runs, with no request message (the cost needs none), rather
+// than when its first message arrives ([Call.Received]). Unary calls always
+// reserve on their request.
+func (a *Call) ReservesOnStart() bool {
+	return !a.perMessage && !a.rule.Estimated()
+}
+
+// Received records a message a stream received: on a client or bidi stream
+// it charges the message its cost; on a server stream whose cost is
+// estimated from the request, the first message reserves it. It returns the
+// *[Error] that ends the stream, if any.
+func (a *Call) Received(ctx context.Context, msg proto.Message) error {
+	switch {
+	case a.perMessage:
+		return a.chargeMessage(ctx, msg)
+	case a.rule.Estimated() && !a.reserveSeen():
+		return a.reserve(ctx, msg)
+	}
+	return nil
+}
+
+// reserveSeen reports whether the call reserved (or tried to), and marks
+// it so.
+func (a *Call) reserveSeen() bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	seen := a.received
+	a.received = true
+	return seen
+}
+
+// Sent records a message the call sent: its actual usage is counted and, on
+// a server stream, usage beyond the reservation is charged at once. It
+// returns the *[Error] that ends the stream, if any: the message was sent,
+// and the stream must end after it.
+func (a *Call) Sent(ctx context.Context, msg proto.Message) error {
+	if a.perMessage {
+		return nil
+	}
+	if msg != nil {
+		a.addActual(ctx, msg)
+	}
+	if a.stream == Unary {
+		return nil // settled when the call ends
+	}
+	return a.chargeExcess(ctx)
+}
+
+// End settles the call, once its handler has returned, and releases its
+// concurrency slot. failed says that the handler returned an error of its
+// own (not one of the limiter's, which settle the call as they happen). It
+// returns the decision to report in headers, nil if none. It may be called
+// more than once; later calls return the same decision.
+func (a *Call) End(ctx context.Context, failed bool) *bucket.Decision {
+	end := endOK
+	if failed {
+		end = endFailed
+	}
+	d := a.settle(ctx, end)
+	a.releaseLease(ctx)
+	return d
+}
+
+// Decision returns the latest decision, for headers: the reservation, or
+// the last message's charge; nil if none.
+func (a *Call) Decision() *bucket.Decision { return a.currentDecision() }
+
+// Context returns ctx carrying the call, so that the handler can call
+// [ReportUsage].
+func (a *Call) Context(ctx context.Context) context.Context { return withCall(ctx, a) }

@@ -1,4 +1,4 @@
-package interceptor
+package limiter
 
 import (
 	"context"
@@ -8,8 +8,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
-
-	"connectrpc.com/connect"
 
 	"github.com/connectlimit/connectlimit/bucket"
 	"github.com/connectlimit/connectlimit/bucket/breaker"
@@ -191,10 +189,4 @@ func (l *failureLog) breakerChanged(s breaker.State, cause error) {
 	l.last, l.suppressed, l.unknown, l.policies = time.Time{}, 0, 0, [3]int{}
 	l.mu.Unlock()
 	l.logger.Info("connectlimit: store recovered: circuit breaker closed", "failures_not_logged", suppressed)
-}
-
-// unavailableError is what FailClosed answers: the limiter cannot decide,
-// and a retry may succeed.
-func unavailableError() *connect.Error {
-	return connect.NewError(connect.CodeUnavailable, errors.New("connectlimit: rate limiter unavailable, retry later"))
 }

@@ -1,13 +1,9 @@
-package interceptor
+package limiter
 
 import (
 	"context"
 	"errors"
-	"fmt"
 	"time"
-
-	"connectrpc.com/connect"
-	"google.golang.org/genproto/googleapis/rpc/errdetails"
 
 	"github.com/connectlimit/connectlimit/bucket"
 	"github.com/connectlimit/connectlimit/costmap"
@@ -29,12 +25,12 @@ type lease struct {
 // The lease's ID is the call's, so a lost reply is harmless: Acquire is
 // idempotent, and a lease whose outcome is unknown is released in the
 // background, so one hiccup never holds a slot for the whole lease.
-func (a *account) acquireLease(ctx context.Context, conc costmap.Concurrency) error {
+func (a *Call) acquireLease(ctx context.Context, conc costmap.Concurrency) error {
 	back := a.ic.back
 	if back.leases == nil {
 		a.ic.cfg.logger.ErrorContext(ctx, "connectlimit: procedure has a concurrency limit but the store cannot limit concurrency",
 			"procedure", a.procedure, "limit", conc.Name)
-		return connect.NewError(connect.CodeInternal, errors.New("connectlimit: rate limit misconfigured for this procedure"))
+		return internalError("rate limit misconfigured for this procedure")
 	}
 	req := bucket.LeaseRequest{Subject: a.subject, Name: conc.Name, Limit: conc.Limit, ID: a.id, TTL: conc.Lease}
 	d, err := back.acquire(ctx, req)
@@ -47,7 +43,7 @@ func (a *account) acquireLease(ctx context.Context, conc costmap.Concurrency) er
 	}
 	if errors.Is(err, bucket.ErrInvalidRequest) {
 		a.ic.cfg.logger.ErrorContext(ctx, "connectlimit: store refused a lease as invalid", "procedure", a.procedure, "subject", a.subject, "error", err)
-		return connect.NewError(connect.CodeInternal, errors.New("connectlimit: cannot charge this call"))
+		return internalError("cannot charge this call")
 	}
 	if bucket.MayHaveApplied(err) {
 		// The slot may be held: give it back as soon as the store answers.
@@ -86,7 +82,7 @@ func (a *account) acquireLease(ctx context.Context, conc costmap.Concurrency) er
 	return nil
 }
 
-func (a *account) holdLease(ctx context.Context, store bucket.LeaseStore, local bool, req bucket.LeaseRequest) {
+func (a *Call) holdLease(ctx context.Context, store bucket.LeaseStore, local bool, req bucket.LeaseRequest) {
 	l := &lease{store: store, local: local, req: req, stop: make(chan struct{}), done: make(chan struct{})}
 	a.lease = l
 	go a.renew(context.WithoutCancel(ctx), l)
@@ -94,7 +90,7 @@ func (a *account) holdLease(ctx context.Context, store bucket.LeaseStore, local 
 
 // renew keeps the lease alive while the call runs, so that only a server
 // that stopped (crashed) loses its slots to expiry.
-func (a *account) renew(ctx context.Context, l *lease) {
+func (a *Call) renew(ctx context.Context, l *lease) {
 	defer close(l.done)
 	t := time.NewTicker(max(l.req.TTL/3, time.Millisecond))
 	defer t.Stop()
@@ -120,7 +116,7 @@ func (a *account) renew(ctx context.Context, l *lease) {
 // releaseLease frees the call's slot, if it holds one. A release that
 // fails is retried in the background: the slot would otherwise stay taken
 // until its lease runs out.
-func (a *account) releaseLease(ctx context.Context) {
+func (a *Call) releaseLease(ctx context.Context) {
 	l := a.lease
 	if l == nil {
 		return
@@ -135,20 +131,4 @@ func (a *account) releaseLease(ctx context.Context) {
 	}
 	a.ic.settler.push(ctx, a.ic.settler.newJob(a.procedure),
 		step{release: &leaseRef{store: l.store, subject: l.req.Subject, name: l.req.Name, id: l.req.ID}}, err)
-}
-
-// concurrencyDenial is the error for a call refused by a concurrency limit.
-// It has no RetryInfo: when a slot frees up depends on other calls.
-func concurrencyDenial(subject, name string, d bucket.LeaseDecision) *connect.Error {
-	err := connect.NewError(connect.CodeResourceExhausted,
-		fmt.Errorf("connectlimit: concurrency limit %q reached: %d of %d calls already in flight", name, d.InUse, d.Limit))
-	if detail, e := connect.NewErrorDetail(&errdetails.QuotaFailure{Violations: []*errdetails.QuotaFailure_Violation{{
-		Subject:     subject,
-		Description: fmt.Sprintf("concurrency limit %q: at most %d calls at once", name, d.Limit),
-		QuotaId:     name,
-		QuotaValue:  int64(d.Limit),
-	}}}); e == nil {
-		err.AddDetail(detail)
-	}
-	return err
 }
