@@ -10,6 +10,9 @@
 //
 //	limits, err := client.NewInterceptor(client.WithCost(aiservicev1connect.AIServiceSearchProcedure, "search", 1))
 //	ai := aiservicev1connect.NewAIServiceClient(http.DefaultClient, url, connect.WithInterceptors(limits))
+//
+// The state, the pacing and the retry budget are package quota's, which
+// the module client/v2 shares for connect-go v2 clients.
 package client
 
 import (
@@ -17,6 +20,8 @@ import (
 	"errors"
 
 	"connectrpc.com/connect"
+
+	"github.com/connectlimit/connectlimit/client/quota"
 )
 
 // Interceptor is a [connect.Interceptor] for clients (it lets handler
@@ -33,8 +38,7 @@ import (
 //     subscribers of [Interceptor.Subscribe];
 //   - retries a denial with a google.rpc.RetryInfo (see [WithRetry]).
 type Interceptor struct {
-	cfg   config
-	state *quotaState
+	tracker *quota.Tracker
 }
 
 var _ connect.Interceptor = (*Interceptor)(nil)
@@ -42,23 +46,27 @@ var _ connect.Interceptor = (*Interceptor)(nil)
 // NewInterceptor returns an Interceptor configured by opts. It fails only
 // for an invalid option, naming it.
 func NewInterceptor(opts ...Option) (*Interceptor, error) {
-	cfg := newConfig(opts)
-	if cfg.err != nil {
-		return nil, cfg.err
+	var cfg config
+	for _, o := range opts {
+		o.apply(&cfg)
 	}
-	return &Interceptor{cfg: cfg, state: newQuotaState()}, nil
+	tracker, err := quota.NewTracker(cfg.quota...)
+	if err != nil {
+		return nil, err
+	}
+	return &Interceptor{tracker: tracker}, nil
 }
 
 // Quota returns the last known state of the server's bucket named bucket,
 // and false if no response has reported it yet.
 func (i *Interceptor) Quota(bucket string) (Quota, bool) {
-	return i.state.get(bucket)
+	return i.tracker.Quota(bucket)
 }
 
 // Quotas returns the last known state of every bucket that responses have
 // reported, sorted by name.
 func (i *Interceptor) Quotas() []Quota {
-	return i.state.all()
+	return i.tracker.Quotas()
 }
 
 // Subscribe calls f with the new state of a bucket each time a response
@@ -71,7 +79,7 @@ func (i *Interceptor) Quotas() []Quota {
 // returns. After unsubscribe returns, f is not called again, except for a
 // call already running. Unsubscribing twice is harmless.
 func (i *Interceptor) Subscribe(f func(Quota)) (unsubscribe func()) {
-	return i.state.subscribe(f)
+	return i.tracker.Subscribe(f)
 }
 
 // WrapUnary implements [connect.Interceptor]: it paces, observes and
@@ -81,25 +89,25 @@ func (i *Interceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
 		if !req.Spec().IsClient {
 			return next(ctx, req)
 		}
-		c := i.newCall(req.Spec().Procedure, req.Any())
-		reserved, err := c.pace(ctx)
+		c := i.tracker.NewCall(req.Spec().Procedure, req.Any())
+		reserved, err := c.Pace(ctx)
 		if err != nil {
 			return nil, contextError(err)
 		}
 		for {
-			c.attempts++
+			c.Attempt()
 			res, err := next(ctx, req)
 			if err == nil {
-				i.state.observe(res.Header(), i.cfg.clock.Now(), reserved)
+				i.tracker.Observe(res.Header(), reserved)
 				return res, nil
 			}
-			i.state.observe(errorMeta(err), i.cfg.clock.Now(), reserved)
+			i.tracker.Observe(errorMeta(err), reserved)
 			reserved = nil
 			delay, ok := retryDelay(err)
 			if !ok {
 				return nil, err
 			}
-			again, waitErr := c.retry(ctx, delay)
+			again, waitErr := c.Retry(ctx, delay)
 			if waitErr != nil {
 				return nil, contextError(waitErr)
 			}

@@ -9,6 +9,8 @@ import (
 	"sync"
 
 	"connectrpc.com/connect"
+
+	"github.com/connectlimit/connectlimit/client/quota"
 )
 
 // clientStream paces, observes and, for a server stream denied before its
@@ -34,7 +36,7 @@ type clientStream struct {
 
 	mu       sync.Mutex
 	conn     connect.StreamingClientConn
-	c        *call // set by the first Send
+	c        *quota.Call // set by the first Send
 	reserved []Cost
 	// first is a server stream's request, kept to send it again; closed
 	// reports that its request side was closed, so it can be retried.
@@ -68,12 +70,12 @@ func (s *clientStream) RequestHeader() http.Header { return s.current().RequestH
 func (s *clientStream) Send(m any) error {
 	if !s.sent {
 		s.sent = true
-		c := s.i.newCall(s.spec.Procedure, m)
-		reserved, err := c.pace(s.ctx)
+		c := s.i.tracker.NewCall(s.spec.Procedure, m)
+		reserved, err := c.Pace(s.ctx)
 		if err != nil {
 			return contextError(err)
 		}
-		c.attempts = 1
+		c.Attempt()
 		s.mu.Lock()
 		s.c, s.reserved = c, reserved
 		if s.spec.StreamType == connect.StreamTypeServer {
@@ -101,38 +103,37 @@ func (s *clientStream) Receive(m any) error {
 	for {
 		conn := s.current()
 		err := conn.Receive(m)
-		now := s.i.cfg.clock.Now()
 		if err == nil {
 			if !s.received {
 				s.received = true
-				s.i.state.observe(conn.ResponseHeader(), now, s.takeReserved())
+				s.i.tracker.Observe(conn.ResponseHeader(), s.takeReserved())
 			}
 			return nil
 		}
 		meta := errorMeta(err)
 		if s.received {
 			if meta != nil { // a stream cut off: its state is in trailers
-				s.i.state.observe(meta, now, nil)
+				s.i.tracker.Observe(meta, nil)
 			}
 			return err
 		}
 		if meta == nil {
 			meta = conn.ResponseHeader()
 		}
-		s.i.state.observe(meta, now, s.takeReserved())
+		s.i.tracker.Observe(meta, s.takeReserved())
 		delay, ok := retryDelay(err)
 		c, first := s.retryable()
 		if !ok || c == nil {
 			return err
 		}
-		again, waitErr := c.retry(s.ctx, delay)
+		again, waitErr := c.Retry(s.ctx, delay)
 		if waitErr != nil {
 			return contextError(waitErr)
 		}
 		if !again {
 			return err
 		}
-		c.attempts++
+		c.Attempt()
 		if err := s.resend(conn, first); err != nil {
 			return err
 		}
@@ -141,7 +142,7 @@ func (s *clientStream) Receive(m any) error {
 
 // retryable returns the call and request of a server stream whose request
 // side is closed, which Receive may send again; nil otherwise.
-func (s *clientStream) retryable() (*call, any) {
+func (s *clientStream) retryable() (*quota.Call, any) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.spec.StreamType != connect.StreamTypeServer || !s.closed || s.first == nil {
@@ -192,6 +193,6 @@ func (s *clientStream) ResponseTrailer() http.Header { return s.current().Respon
 // CloseResponse implements [connect.StreamingClientConn]. A stream closed
 // before its first message no longer counts toward pacing.
 func (s *clientStream) CloseResponse() error {
-	s.i.state.release(s.takeReserved())
+	s.i.tracker.Release(s.takeReserved())
 	return s.current().CloseResponse()
 }

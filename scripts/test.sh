@@ -77,8 +77,25 @@ if [[ -n $unformatted ]]; then
 fi
 echo "ok"
 
+# The nested Go modules: connect-go v2 lives only in these, never in the
+# root module (interceptor/v2 and client/v2 are the v2 adapters, the v2
+# example, and the conformance harness that runs the official Connect suite
+# against servers of both majors). Each replaces the root module with this
+# working tree.
+modules=(interceptor/v2 client/v2 examples/aiservice/v2 internal/conformance)
+
 section "go vet"
 run go vet ./...
+for mod in "${modules[@]}"; do
+	(cd "$mod" && run go vet ./...)
+done
+
+section "go mod tidy"
+# A go.mod or go.sum that needs tidying fails here, with the diff.
+run go mod tidy -diff
+for mod in "${modules[@]}"; do
+	(cd "$mod" && run go mod tidy -diff)
+done
 
 section "npm ci (clients/ts)"
 # Installs exactly clients/ts/package-lock.json: buf generate runs
@@ -87,7 +104,7 @@ section "npm ci (clients/ts)"
 
 section "buf lint / format / generate"
 buf=(go tool -modfile=tools/go.mod buf)
-generated=(proto examples/aiservice/gen clients/ts/src/gen)
+generated=(proto examples/aiservice/gen clients/ts/src/gen interceptor/v2/gen examples/aiservice/v2/gen internal/conformance/gen)
 run "${buf[@]}" lint
 run "${buf[@]}" format -d --exit-code
 # Regenerate over a snapshot and compare: in a clean checkout this is "git
@@ -97,6 +114,7 @@ snapshot=$(mktemp -d)
 trap 'rm -rf "$snapshot"' EXIT
 cp -R --parents "${generated[@]}" "$snapshot"
 run "${buf[@]}" generate
+run "${buf[@]}" generate --template internal/conformance/buf.gen.yaml
 for dir in "${generated[@]}"; do
 	diff -ruN "$snapshot/$dir" "$dir" || fail "buf generate changed $dir (diff above); commit the regenerated files"
 done
@@ -104,6 +122,12 @@ echo "ok"
 
 section "go test"
 run go test -race -cover -count=1 -timeout 10m ./...
+# internal/conformance runs the Connect conformance suite (3,640 cases, the
+# full matrix of its README) four times: servers on connect-go v1 and v2,
+# each without and with connectlimit; about 70 s.
+for mod in "${modules[@]}"; do
+	(cd "$mod" && run go test -race -count=1 -timeout 10m ./...)
+done
 
 section "TypeScript (clients/ts)"
 # Type checks (the tests, the source without Node's types, as browsers get it,
@@ -132,7 +156,7 @@ fuzz FuzzKey ./bucket/redisstore 60000
 fuzz FuzzParseConfig ./costmap 15000
 fuzz FuzzEstimate ./costmap 20000
 fuzz FuzzSubject ./interceptor 30000
-fuzz FuzzParseField ./client 40000
-fuzz FuzzParseLines ./client 40000
+fuzz FuzzParseField ./client/quota 40000
+fuzz FuzzParseLines ./client/quota 40000
 
 section "all checks passed"

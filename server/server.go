@@ -39,6 +39,7 @@ import (
 	"github.com/connectlimit/connectlimit/bucket/redisstore"
 	"github.com/connectlimit/connectlimit/costmap"
 	"github.com/connectlimit/connectlimit/interceptor"
+	"github.com/connectlimit/connectlimit/limiter"
 	connectlimitv1 "github.com/connectlimit/connectlimit/proto/connectlimit/v1"
 )
 
@@ -273,6 +274,11 @@ func (s *Server) HandlerOptions() connect.HandlerOption {
 // Interceptor returns the rate-limiting interceptor, for handlers built
 // without [Server.HandlerOptions].
 func (s *Server) Interceptor() *interceptor.Interceptor { return s.interceptor }
+
+// Limiter returns the accounting behind the interceptor, so that handlers
+// built with connect-go v2 can share it: pass it to the interceptor/v2
+// module's constructor and mount them with [Server.Handle].
+func (s *Server) Limiter() *limiter.Limiter { return s.interceptor.Limiter() }
 
 // Store returns the store the interceptor charges, for inspection.
 func (s *Server) Store() bucket.Store { return s.store }

@@ -21,6 +21,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -29,6 +31,8 @@ import (
 	"github.com/Shopify/toxiproxy/v2"
 	"github.com/Shopify/toxiproxy/v2/toxics"
 	"github.com/rs/zerolog"
+
+	"github.com/connectlimit/connectlimit/internal/freeport"
 )
 
 // Names of the toxics a Proxy adds. Every Proxy has a fault toxic in each
@@ -80,9 +84,15 @@ type faults struct {
 func NewProxy(tb testing.TB, upstream string) *Proxy {
 	tb.Helper()
 	server := toxiproxy.NewServer(toxiproxy.NewMetricsContainer(nil), zerolog.Nop())
+	// A port outside the ephemeral range, so that no outgoing connection
+	// takes it while the proxy is disabled (see package freeport).
+	ports, err := freeport.Loopback(1)
+	if err != nil {
+		tb.Fatalf("faultproxy: %v", err)
+	}
 	p := &Proxy{
 		upstream: upstream,
-		proxy:    toxiproxy.NewProxy(server, "faultproxy", "127.0.0.1:0", upstream),
+		proxy:    toxiproxy.NewProxy(server, "faultproxy", net.JoinHostPort("127.0.0.1", strconv.Itoa(ports[0])), upstream),
 		faults:   &faults{},
 	}
 	// The fault toxics are added before the proxy listens, so that every
@@ -189,7 +199,9 @@ func (p *Proxy) Disable() { p.proxy.Stop() }
 
 // Enable undoes [Proxy.Disable]: the proxy listens on Addr again and accepts
 // new connections, through the faults still set. It fails if another
-// process took the port meanwhile. Enable is a no-op on an enabled proxy.
+// process bound the port meanwhile, which only a server that picks that
+// very port does: it is outside the ephemeral range (see package
+// freeport). Enable is a no-op on an enabled proxy.
 func (p *Proxy) Enable() error {
 	if err := p.proxy.Start(); err != nil && !errors.Is(err, toxiproxy.ErrProxyAlreadyStarted) {
 		return fmt.Errorf("faultproxy: enabling the proxy on %s: %w", p.Addr(), err)

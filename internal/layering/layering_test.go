@@ -37,10 +37,18 @@ var allowed = map[string][]string{
 	// and knows no store; the outbound limiter takes its store from the
 	// caller, and knows no Connect.
 	"client": {
-		module + "/bucket",
+		module + "/bucket", module + "/client/quota",
 		"connectrpc.com/connect", "google.golang.org/genproto/googleapis/rpc/errdetails", "google.golang.org/protobuf/",
 	},
-	"outbound": {module + "/bucket"},
+	// quota is what the client interceptors of both connect-go majors
+	// share (client for v1, the module client/v2 for v2): no connect.
+	"client/quota": {
+		module + "/client/internal/hook",
+		"google.golang.org/genproto/googleapis/rpc/errdetails", "google.golang.org/protobuf/",
+	},
+	"client/internal/hook":       {},
+	"client/internal/clienttest": {module + "/client/internal/hook", module + "/client/quota"},
+	"outbound":                   {module + "/bucket"},
 }
 
 func TestImportDirection(t *testing.T) {
@@ -145,6 +153,12 @@ func TestCheck(t *testing.T) {
 		{"client", module + "/server", false},
 		{"client", module + "/internal/redistest", false},
 		{"client", module + "/bucket/memstore", false},
+		{"client", module + "/client/quota", true},
+		{"client/quota", "connectrpc.com/connect", false},
+		{"client/quota", "connectrpc.com/connect/v2", false},
+		{"client/quota", module + "/client/internal/hook", true},
+		{"client/quota", "google.golang.org/genproto/googleapis/rpc/errdetails", true},
+		{"client/internal/hook", "connectrpc.com/connect", false},
 		{"outbound", module + "/bucket", true},
 		{"outbound", module + "/bucket/memstore", false},
 		{"outbound", module + "/bucket/redisstore", false},

@@ -27,6 +27,8 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/connectlimit/connectlimit/internal/freeport"
 )
 
 // DefaultStartTimeout is how long [Start] waits for a server to answer PING,
@@ -159,7 +161,7 @@ func lookPath(tb testing.TB, name string) string {
 // be ready. attempt numbers its log, so that a retry on new ports keeps the
 // log of the failed attempt.
 func launch(bin, dir string, attempt int, cfg config) (*Server, error) {
-	ports, err := freePorts(1 + boolInt(cfg.busPort))
+	ports, err := freeport.Loopback(1 + boolInt(cfg.busPort))
 	if err != nil {
 		return nil, err
 	}
@@ -230,26 +232,6 @@ func boolInt(b bool) int {
 		return 1
 	}
 	return 0
-}
-
-// freePorts returns n distinct loopback ports that were free a moment ago.
-// They are held open together so that they differ; another process may still
-// take one before redis-server binds it, which Start retries.
-func freePorts(n int) ([]int, error) {
-	ports := make([]int, 0, n)
-	for range n {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			return nil, fmt.Errorf("finding a free port: %w", err)
-		}
-		defer l.Close()
-		addr, ok := l.Addr().(*net.TCPAddr)
-		if !ok {
-			return nil, fmt.Errorf("finding a free port: listener address is a %T", l.Addr())
-		}
-		ports = append(ports, addr.Port)
-	}
-	return ports, nil
 }
 
 // waitReady polls PING on addr until the process answers, exits, or timeout

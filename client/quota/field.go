@@ -1,4 +1,4 @@
-package client
+package quota
 
 import (
 	"errors"
@@ -25,7 +25,7 @@ import (
 // so that servers can add new ones.
 
 // errField is wrapped by every error parseField returns.
-var errField = errors.New("client: invalid structured field")
+var errField = errors.New("quota: invalid structured field")
 
 // maxFieldItems bounds how many members a field may have. A server charges
 // at most 16 buckets a call (bucket.MaxCharges); the bound keeps a hostile

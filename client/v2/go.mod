@@ -1,0 +1,30 @@
+module github.com/connectlimit/connectlimit/client/v2
+
+go 1.26.0
+
+// The client is built and tested against this repository's working tree,
+// not published versions of the root module and of interceptor/v2 (which
+// only its tests use, as the server).
+replace (
+	github.com/connectlimit/connectlimit => ../..
+	github.com/connectlimit/connectlimit/interceptor/v2 => ../../interceptor/v2
+)
+
+require (
+	connectrpc.com/connect/v2 v2.0.2
+	github.com/connectlimit/connectlimit v0.0.0-00010101000000-000000000000
+	github.com/connectlimit/connectlimit/interceptor/v2 v2.0.0-00010101000000-000000000000
+	go.uber.org/goleak v1.3.0
+	google.golang.org/genproto/googleapis/rpc v0.0.0-20261019180522-ce908d29299b
+	google.golang.org/protobuf v1.36.12
+)
+
+require (
+	cel.dev/cel-go v0.33.2 // indirect
+	cel.dev/expr v0.25.3 // indirect
+	github.com/antlr4-go/antlr/v4 v4.13.1 // indirect
+	github.com/stretchr/testify v1.12.1 // indirect
+	go.yaml.in/yaml/v3 v3.0.6 // indirect
+	golang.org/x/exp v0.0.0-20240823005443-9b4947da3948 // indirect
+	google.golang.org/genproto/googleapis/api v0.0.0-20260817212433-ac3dfec99bb1 // indirect
+)
