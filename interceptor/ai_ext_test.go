@@ -158,7 +158,7 @@ func newAIFixture(t testing.TB, cfg costmap.Config, store bucket.Store, opts ...
 			return nil, err
 		}
 		return connect.NewResponse(prototest.ReportResponse(f.svc, 0, int32(use))), nil
-	}, connect.WithSchema(methods.ByName("Ask")), connect.WithInterceptors(f.ic), initRequest))
+	}, connect.WithSchema(methods.ByName("Ask")), f.ic.HandlerOptions(), initRequest))
 	mux.Handle(reportProc, connect.NewServerStreamHandler(reportProc, func(ctx context.Context, r *connect.Request[msg], s *connect.ServerStream[msg]) error {
 		topic := topicOf(r.Msg)
 		if topic == "wait" {
@@ -195,7 +195,7 @@ func newAIFixture(t testing.TB, cfg costmap.Config, store bucket.Store, opts ...
 			}
 		}
 		return nil
-	}, connect.WithSchema(methods.ByName("Report")), connect.WithInterceptors(f.ic), initRequest))
+	}, connect.WithSchema(methods.ByName("Report")), f.ic.HandlerOptions(), initRequest))
 	mux.Handle(chatProc, connect.NewBidiStreamHandler(chatProc, func(_ context.Context, s *connect.BidiStream[msg, msg]) error {
 		for {
 			m, err := s.Receive()
@@ -209,7 +209,7 @@ func newAIFixture(t testing.TB, cfg costmap.Config, store bucket.Store, opts ...
 				return err
 			}
 		}
-	}, connect.WithSchema(methods.ByName("Chat")), connect.WithInterceptors(f.ic), initRequest))
+	}, connect.WithSchema(methods.ByName("Chat")), f.ic.HandlerOptions(), initRequest))
 	mux.Handle(duplexProc, connect.NewBidiStreamHandler(duplexProc, func(ctx context.Context, s *connect.BidiStream[msg, msg]) error {
 		// Receive and Send run in two goroutines at once.
 		received := make(chan *msg)
@@ -242,7 +242,7 @@ func newAIFixture(t testing.TB, cfg costmap.Config, store bucket.Store, opts ...
 		default:
 			return nil
 		}
-	}, connect.WithSchema(methods.ByName("Duplex")), connect.WithInterceptors(f.ic), initRequest))
+	}, connect.WithSchema(methods.ByName("Duplex")), f.ic.HandlerOptions(), initRequest))
 	mux.Handle(f.ic.NewQuotaHandler())
 	auth := authn.NewMiddleware(func(_ context.Context, r authn.Request) (any, error) {
 		if tier, user, ok := strings.Cut(r.Header().Get("X-Test-Identity"), ":"); ok {

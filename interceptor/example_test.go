@@ -45,7 +45,7 @@ func ExampleNewInterceptor() {
 		func(_ context.Context, req *connect.Request[wrapperspb.StringValue]) (*connect.Response[wrapperspb.StringValue], error) {
 			return connect.NewResponse(wrapperspb.String("hello, " + req.Msg.GetValue())), nil
 		},
-		connect.WithInterceptors(limiter),
+		limiter.HandlerOptions(), // the interceptor, and a gate that decides before decoding
 	))
 	server := httptest.NewServer(mux)
 	defer server.Close()

@@ -40,8 +40,10 @@ var _ connect.Interceptor = (*Interceptor)(nil)
 // [limiter.Limiter] for the rules.
 //
 // An Interceptor is safe for concurrent use; build one with [NewInterceptor],
-// add it with [connect.WithInterceptors], and call [Interceptor.Close] when
-// done to flush settlements still waiting for the store.
+// add it to handlers with [Interceptor.HandlerOptions] (or
+// [connect.WithInterceptors], without deciding before the request is
+// decoded), and call [Interceptor.Close] when done to flush settlements
+// still waiting for the store.
 type Interceptor struct {
 	lim *limiter.Limiter
 }
@@ -115,9 +117,20 @@ func (i *Interceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
 		if spec.IsClient {
 			return next(ctx, req)
 		}
-		call, err := i.lim.Start(ctx, callInfo(spec, req.Peer(), req.Header()))
-		if err != nil {
-			return nil, unaryError(ctx, req.Peer(), connectError(err))
+		var call *limiter.Call
+		reserved := false
+		if g, ok := takeGated(ctx); ok {
+			// HandlerOptions' gate started the call from its headers.
+			if g.refusal != nil {
+				return nil, unaryError(ctx, req.Peer(), g.refusal)
+			}
+			call, reserved = g.call, g.reserved
+		} else {
+			var err error
+			call, err = i.lim.Start(ctx, callInfo(spec, req.Peer(), req.Header()))
+			if err != nil {
+				return nil, unaryError(ctx, req.Peer(), connectError(err))
+			}
 		}
 		if call == nil {
 			return next(ctx, req)
@@ -125,8 +138,10 @@ func (i *Interceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
 		// A handler that panics still ends the call: its slot is released
 		// and its reservation kept.
 		defer call.End(ctx, true)
-		if err := call.Reserve(ctx, message(req.Any())); err != nil {
-			return nil, unaryError(ctx, req.Peer(), connectError(err))
+		if !reserved {
+			if err := call.Reserve(ctx, message(req.Any())); err != nil {
+				return nil, unaryError(ctx, req.Peer(), connectError(err))
+			}
 		}
 		resp, err := next(call.Context(ctx), req)
 		if err == nil && resp != nil {

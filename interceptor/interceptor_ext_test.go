@@ -107,9 +107,9 @@ func newFixtureConfig(t *testing.T, cfg costmap.Config, store bucket.Store, opts
 		return connect.NewResponse(wrapperspb.String("ok:" + r.Msg.GetValue())), nil
 	}
 	mux.Handle(searchProc, connect.NewUnaryHandler(searchProc, echo,
-		connect.WithSchema(methods.ByName("Search")), connect.WithInterceptors(ic)))
+		connect.WithSchema(methods.ByName("Search")), ic.HandlerOptions()))
 	mux.Handle(freeProc, connect.NewUnaryHandler(freeProc, echo,
-		connect.WithSchema(methods.ByName("Free")), connect.WithInterceptors(ic)))
+		connect.WithSchema(methods.ByName("Free")), ic.HandlerOptions()))
 	mux.Handle(generateProc, connect.NewServerStreamHandler(generateProc,
 		func(_ context.Context, _ *connect.Request[req], s *connect.ServerStream[resp]) error {
 			for i := range 3 {
@@ -118,7 +118,7 @@ func newFixtureConfig(t *testing.T, cfg costmap.Config, store bucket.Store, opts
 				}
 			}
 			return nil
-		}, connect.WithSchema(methods.ByName("Generate")), connect.WithInterceptors(ic)))
+		}, connect.WithSchema(methods.ByName("Generate")), ic.HandlerOptions()))
 	auth := authn.NewMiddleware(func(ctx context.Context, r authn.Request) (any, error) {
 		kind, name, _ := strings.Cut(r.Header().Get("X-Test-Identity"), ":")
 		switch kind {

@@ -266,7 +266,7 @@ func redact(url string) string {
 // message it reads (max_message_bytes, 4 MiB by default).
 func (s *Server) HandlerOptions() connect.HandlerOption {
 	return connect.WithHandlerOptions(
-		connect.WithInterceptors(s.interceptor),
+		s.interceptor.HandlerOptions(),
 		connect.WithReadMaxBytes(s.cfg.maxMessageBytes()),
 	)
 }

@@ -212,7 +212,7 @@ func startV1(t *testing.T, s setup) *target {
 	}
 	t.Cleanup(func() { _ = ic.Close(context.Background()) })
 	tg.lim = ic.Limiter()
-	tg.serve(t, v1Handlers(tg.svc, connectv1.WithInterceptors(ic), ic))
+	tg.serve(t, v1Handlers(tg.svc, ic.HandlerOptions(), ic))
 	return tg
 }
 
