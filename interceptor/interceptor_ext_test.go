@@ -54,7 +54,7 @@ func testConfig() costmap.Config {
 	}}
 }
 
-func testService(t *testing.T) protoreflect.ServiceDescriptor {
+func testService(t testing.TB) protoreflect.ServiceDescriptor {
 	return prototest.NewService(t,
 		prototest.Method{Name: "Search", Limit: prototest.Limit("search", nil)},
 		prototest.Method{Name: "Generate", Limit: prototest.Limit("generate", proto.Float64(40)), ServerStreaming: true},
