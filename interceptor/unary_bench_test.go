@@ -36,7 +36,7 @@ func BenchmarkUnary(b *testing.B) {
 	}{
 		{"without", false, 0},
 		{"with", true, 1e12},
-		{"with/denied", true, 1},
+		{"denied", true, 1},
 	} {
 		b.Run(tc.name, func(b *testing.B) {
 			opts := []connect.HandlerOption{connect.WithSchema(search)}
