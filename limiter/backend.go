@@ -57,8 +57,14 @@ func newBackend(store bucket.Store, cfg config) *backend {
 	return b
 }
 
-// take asks the store, bounded by the wait.
+// take asks the store, bounded by the wait. An in-process store (no
+// breaker) answers at once, and needs no deadline.
 func (b *backend) take(ctx context.Context, req bucket.Request) (bucket.Decision, error) {
+	if b.breaker == nil {
+		d, err := b.main.Take(ctx, req)
+		b.count(err)
+		return d, err
+	}
 	ctx, cancel := context.WithTimeout(ctx, b.wait)
 	defer cancel()
 	d, err := b.main.Take(ctx, req)
