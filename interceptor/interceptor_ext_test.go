@@ -44,6 +44,7 @@ type fixture struct {
 	search     *connect.Client[req, resp]
 	generate   *connect.Client[req, resp]
 	free       *connect.Client[req, resp]
+	ic         *interceptor.Interceptor
 	streamSent int
 }
 
@@ -98,6 +99,7 @@ func newFixtureConfig(t *testing.T, cfg costmap.Config, store bucket.Store, opts
 	if err != nil {
 		t.Fatal(err)
 	}
+	f.ic = ic
 	methods := svc.Methods()
 	mux := http.NewServeMux()
 	echo := func(_ context.Context, r *connect.Request[req]) (*connect.Response[resp], error) {

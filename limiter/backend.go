@@ -11,15 +11,19 @@ import (
 
 	"github.com/connectlimit/connectlimit/bucket"
 	"github.com/connectlimit/connectlimit/bucket/breaker"
+	"github.com/connectlimit/connectlimit/bucket/denycache"
 )
 
-// backend is where a call's buckets live: the store (behind a circuit
-// breaker unless it is in-process) and the local store that decides under
+// backend is where a call's buckets live: the store (unless it is
+// in-process, behind a circuit breaker, a deadline and the denial cache, in
+// that order from the store out) and the local store that decides under
 // FailLocal while the store is failing. It counts what failed.
 type backend struct {
 	main        bucket.Store
 	leases      bucket.LeaseStore // the store's leases; nil if it cannot limit concurrency
 	breaker     *breaker.Breaker  // nil for an in-process store, which never fails
+	denials     *denycache.Store  // nil for an in-process store, or WithDenialCache(false)
+	bounded     bool              // main bounds each store call by wait itself
 	local       bucket.Store      // nil without WithLocalStore
 	localLeases bucket.LeaseStore // the local store's leases; nil if it has none
 	share       float64
@@ -46,6 +50,14 @@ func newBackend(store bucket.Store, cfg config) *backend {
 	if !bucket.IsInProcess(store) {
 		b.breaker = breaker.New(store, breaker.WithStateHook(b.log.breakerChanged))
 		b.main = b.breaker
+		if !cfg.noDenyCache {
+			// The cache sits outside the breaker, so that it keeps
+			// denying while the breaker is open, and its local denials
+			// never count as the store's successes. The deadline sits
+			// inside it, so that a local denial costs no timer.
+			b.denials = denycache.New(deadline{b.breaker, b.wait})
+			b.main, b.bounded = b.denials, true
+		}
 	}
 	if ls, ok := store.(bucket.LeaseStore); ok {
 		b.leases = ls
@@ -60,7 +72,7 @@ func newBackend(store bucket.Store, cfg config) *backend {
 // take asks the store, bounded by the wait. An in-process store (no
 // breaker) answers at once, and needs no deadline.
 func (b *backend) take(ctx context.Context, req bucket.Request) (bucket.Decision, error) {
-	if b.breaker == nil {
+	if b.breaker == nil || b.bounded {
 		d, err := b.main.Take(ctx, req)
 		b.count(err)
 		return d, err
@@ -121,6 +133,19 @@ func (b *backend) scale(l bucket.Limit) bucket.Limit {
 // one call.
 func (b *backend) scaleConcurrency(n int) int {
 	return max(1, int(math.Floor(float64(n)*b.share)))
+}
+
+// deadline bounds every Take of a store by a timeout.
+type deadline struct {
+	bucket.Store
+	wait time.Duration
+}
+
+// Take implements [bucket.Store].
+func (d deadline) Take(ctx context.Context, req bucket.Request) (bucket.Decision, error) {
+	ctx, cancel := context.WithTimeout(ctx, d.wait)
+	defer cancel()
+	return d.Store.Take(ctx, req)
 }
 
 func (b *backend) close() {

@@ -194,6 +194,12 @@ type Stats struct {
 	// was closed. Each is logged with its subject and amounts (at most one
 	// line per log interval; the others are counted).
 	SettlesDropped uint64
+	// DeniedLocally counts calls and stream messages the local denial cache
+	// denied without asking the store (see [WithDenialCache]); they never
+	// admit, so they bypass nothing. DenialCacheStoreCalls counts the store
+	// calls made through the cache, and DenialCacheEvictions the entries it
+	// dropped to stay within its bound.
+	DeniedLocally, DenialCacheStoreCalls, DenialCacheEvictions uint64
 }
 
 // Stats returns the Limiter's counters. It is safe to call at any time.
@@ -212,11 +218,15 @@ func (l *Limiter) Stats() Stats {
 		bs := b.breaker.Stats()
 		st.BreakerOpens, st.BreakerCloses, st.BreakerRejected = bs.Opens, bs.Closes, bs.Rejected
 	}
+	if b.denials != nil {
+		ds := b.denials.Stats()
+		st.DeniedLocally, st.DenialCacheStoreCalls, st.DenialCacheEvictions = ds.LocalDenials, ds.StoreCalls, ds.Evictions
+	}
 	return st
 }
 
 // Store returns the store the Limiter charges, behind its circuit breaker
-// (unless it is in-process), for other decisions that should share the
+// and its denial cache (unless it is in-process), for other decisions that should share the
 // breaker, such as the server package's limit on failed authentications.
 // Its calls are not counted in [Stats].
 func (l *Limiter) Store() bucket.Store { return l.back.main }

@@ -112,6 +112,7 @@ type config struct {
 	overdraft   float64
 	settleQueue int
 	settleFor   time.Duration
+	noDenyCache bool
 	// now is the clock of the settle queue's retry deadlines; tests
 	// override it through export_test.go.
 	now func() time.Time
@@ -220,6 +221,21 @@ func WithLocalStore(s bucket.Store) Option {
 // admitted). The default is [DefaultLocalShare].
 func WithLocalShare(share float64) Option {
 	return optionFunc(func(c *config) { c.localShare = share })
+}
+
+// WithDenialCache turns the local denial cache on (the default) or off.
+// In front of a store that is not in-process (Redis), the Limiter keeps
+// the buckets the store denied, with their levels, and denies them again in
+// this process, without a round trip, until they could pay the cost asked:
+// an abusive caller costs no store call. It never admits what the store
+// would deny; it may deny, for at most the wait the store's denial gave, a
+// call that the store would now allow because another instance refunded
+// tokens. See package [denycache] for the exact bounds. An in-process store
+// (memstore) has no cache: it answers as fast.
+//
+// [denycache]: https://pkg.go.dev/github.com/connectlimit/connectlimit/bucket/denycache
+func WithDenialCache(enabled bool) Option {
+	return optionFunc(func(c *config) { c.noDenyCache = !enabled })
 }
 
 // WithStoreTimeout sets how long one store call may take once it is sent;

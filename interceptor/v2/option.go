@@ -133,6 +133,13 @@ func WithLocalStore(s bucket.Store) Option { return limiterOption(limiter.WithLo
 // at most n × share × limit per caller. The default is [DefaultLocalShare].
 func WithLocalShare(share float64) Option { return limiterOption(limiter.WithLocalShare(share)) }
 
+// WithDenialCache turns off (false) or on (true, the default) the local
+// denial cache in front of a store that is not in-process: a caller the
+// store denied is denied again in this process, without a store round trip,
+// until its buckets could pay. It never over-admits; see
+// [limiter.WithDenialCache] for what it may under-admit.
+func WithDenialCache(enabled bool) Option { return limiterOption(limiter.WithDenialCache(enabled)) }
+
 // WithStoreTimeout sets how long one store call may take once it is sent;
 // the default is [DefaultStoreTimeout]. See [limiter.WithStoreTimeout].
 func WithStoreTimeout(d time.Duration) Option { return limiterOption(limiter.WithStoreTimeout(d)) }

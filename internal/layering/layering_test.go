@@ -21,12 +21,13 @@ var allowed = map[string][]string{
 	"bucket":            {},
 	"bucket/memstore":   {module + "/bucket"},
 	"bucket/breaker":    {module + "/bucket"},
+	"bucket/denycache":  {module + "/bucket"},
 	"bucket/buckettest": {module + "/bucket"},
 	"bucket/redisstore": {module + "/bucket", "github.com/redis/go-redis/v9"},
 	"costmap":           {module + "/bucket", module + "/proto/connectlimit/v1", "google.golang.org/protobuf/", "go.yaml.in/yaml/v3", "cel.dev/cel-go/"},
 	// limiter is the accounting both connect-go majors share: no connect.
 	"limiter": {
-		module + "/bucket", module + "/bucket/breaker", module + "/costmap", module + "/proto/connectlimit/v1",
+		module + "/bucket", module + "/bucket/breaker", module + "/bucket/denycache", module + "/costmap", module + "/proto/connectlimit/v1",
 		"google.golang.org/genproto/googleapis/rpc/errdetails", "google.golang.org/genproto/googleapis/rpc/code", "google.golang.org/protobuf/",
 	},
 	"interceptor": {
