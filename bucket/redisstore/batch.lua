@@ -21,12 +21,14 @@
 --                one argument per field, keeps the client's allocations and
 --                the command's size small.
 --
---   "take <window> <capacity_1> <rate_1> <cost_1> ... <capacity_n> <rate_n> <cost_n>"
+--   "take <window> <name_1> <capacity_1> <rate_1> <cost_1> ... <name_n> <capacity_n> <rate_n> <cost_n>"
 --   "adjust <window> ..." (the same fields)
 --                a bucket request of n >= 1 buckets in bucket.ModeTake or
---                bucket.ModeAdjust. Its keys are the n bucket keys and, when
---                <window> is not "-", the request ID's marker key; <window> is
---                then the ID window in integer microseconds, > 0. Rates are in
+--                bucket.ModeAdjust. Its keys are the subject's bucket hash
+--                and, when <window> is not "-", the request ID's marker key;
+--                <window> is then the ID window in integer microseconds, > 0.
+--                <name_j> is bucket j's escaped name (no spaces), its field
+--                in the hash; the names of one request differ. Rates are in
 --                tokens per second.
 --   "acquire <limit> <ttl> <member>"
 --                acquire or renew lease <member> (an escaped lease ID, which
@@ -35,12 +37,54 @@
 --   "release <member>"
 --                release lease <member>. Its key is the lease set.
 --
--- A bucket key holds the string "<tokens> <at>": its level in tokens (%.17g,
--- so it round-trips exactly) at instant <at> in integer microseconds. A
--- missing key is a full bucket. A bucket that ends full is deleted; any other
--- gets a TTL of the time until it is full, rounded up to the millisecond, so
--- that idle subjects cost no memory and a key never expires before it would
--- have been full anyway.
+-- A subject's buckets live in one hash, with one field per bucket that is
+-- not full, named after the bucket. A small hash is a listpack, so that a
+-- bucket costs Redis its name and one integer, not a key of its own. The
+-- field holds the bucket's empty instant E: the instant, in integer
+-- microseconds since the Unix epoch, at which the bucket held (or, in
+-- debt, will hold) zero tokens, refilling at its rate. Its level at the
+-- present is then
+--
+--     level = min(capacity, (now - E) / 1e6 * rate)
+--
+-- which is the stored level plus the refill since it was stored, up to
+-- float64 rounding (a few 1e-16 of the level, as for any float64 refill). A
+-- missing field (or hash) is a full bucket, and so is a field whose level
+-- has reached the capacity. Writing a level L stores
+--
+--     E = now - floor(q + |q| * 2^-51), where q = L / rate * 1e6
+--
+-- (the nudge, a few ulps, keeps a quotient that should be a whole number
+-- but came out a hair below it whole), so that the stored level is below L
+-- by less than 1 µs of refill (rate * 1e-6 tokens) and above it by no more
+-- than float64 rounding (under 1e-15 of L); levels that are whole microseconds of refill, as
+-- those of integer costs at integer rates are, are exact. A quotient beyond
+-- the float64 range is clamped to the largest float64 (which only lowers
+-- the level) or, in debt, makes E +inf (the level is then -inf). A zero
+-- cost leaves E as it is. E is an integer, a 64-bit one in the listpack,
+-- while |E| < 2^53, that is while the level (or the debt) is less than
+-- about 230 years of refill; beyond that it is a float64 written with
+-- %.17g, so that it still reads back exactly. Since E depends on the rate,
+-- changing a bucket's rate scales the level of a bucket that is not full by
+-- new rate / old rate; changing its capacity keeps the level (capped at the
+-- new capacity).
+--
+-- A clock that steps back (a failover to a server whose clock is behind)
+-- shows levels lower than they were, never higher, until it catches up.
+--
+-- A bucket that ends full is deleted from the hash, and Redis deletes a
+-- hash once it is empty. On the server's clock the hash's TTL is at least
+-- the time until its last bucket is full (each write raises it, never
+-- lowers it, to the time until the written buckets are full, rounded up to
+-- the millisecond and then some), so that idle subjects cost no memory and
+-- the hash never expires before every bucket in it is full anyway, under
+-- the limits it was written with (a later request with a lower rate or a
+-- higher capacity finds a bucket that fills later than the hash expires,
+-- until its next write). On a test clock the hash gets no TTL.
+--
+-- Earlier versions kept a string "<tokens> <at>" per bucket, at the key
+-- "<prefix>:{<subject>}:<bucket>"; this script never reads or writes those
+-- keys, which expire on their own.
 --
 -- A marker key holds "<expires>", the instant in integer microseconds until
 -- which its ID counts as applied. The script compares it with the present
@@ -54,13 +98,15 @@
 -- whose holders all died disappears on its own.
 --
 -- Returns one reply per operation, in order:
---   take, adjust  {status, level_1, ..., level_n}: status is 1 if the charges
---                 were written, 0 if the request was denied (nothing
---                 written), and 2 if the request is a duplicate of one
---                 applied within its window (nothing written); level_j is
---                 bucket j's level refilled to the present, before this
---                 request's charge, as a %.17g string, because Redis would
---                 truncate a Lua number to an integer.
+--   take, adjust  {status, levels}: status is 1 if the charges were
+--                 written, 0 if the request was denied (nothing written),
+--                 and 2 if the request is a duplicate of one applied within
+--                 its window (nothing written); levels is the n buckets'
+--                 levels refilled to the present, before this request's
+--                 charge, in order, each formatted with %.17g and separated
+--                 by single spaces: one string, because Redis would truncate
+--                 a Lua number to an integer and each string of a reply is
+--                 an allocation for the client.
 --   acquire       {acquired (1 or 0), in_use}: in_use is the number of live
 --                 leases after the decision.
 --   release       {0, 0}.
@@ -113,9 +159,9 @@ for i = 1, nops do
   local kind = f[1]
   local op = {kind = kind, key = nkeys + 1}
   if kind == 'take' or kind == 'adjust' then
-    local n = (#f - 2) / 3
+    local n = (#f - 2) / 4
     if n < 1 or n ~= math.floor(n) then
-      return fail('operation ' .. i .. ': ' .. kind .. ' wants a window and 3 numbers per bucket, got '
+      return fail('operation ' .. i .. ': ' .. kind .. ' wants a window and a name and 3 numbers per bucket, got '
         .. (#f - 1) .. ' fields')
     end
     if f[2] ~= '-' then
@@ -124,15 +170,18 @@ for i = 1, nops do
         return fail('operation ' .. i .. ': window is not a positive number: ' .. f[2])
       end
     end
-    op.n, op.capacity, op.rate, op.cost = n, {}, {}, {}
+    op.n, op.name, op.capacity, op.rate, op.cost = n, {}, {}, {}, {}
     for j = 1, n do
-      local c, r, x = number(f[3 * j]), number(f[3 * j + 1]), number(f[3 * j + 2])
+      local c, r, x = number(f[4 * j]), number(f[4 * j + 1]), number(f[4 * j + 2])
       if not (c and r and x) then
         return fail('operation ' .. i .. ': bucket ' .. j .. ': capacity, rate or cost is not a number')
       end
-      op.capacity[j], op.rate[j], op.cost[j] = c, r, x
+      if not (c > 0 and r > 0) then
+        return fail('operation ' .. i .. ': bucket ' .. j .. ': capacity and rate must be positive')
+      end
+      op.name[j], op.capacity[j], op.rate[j], op.cost[j] = f[4 * j - 1], c, r, x
     end
-    nkeys = nkeys + n
+    nkeys = nkeys + 1
     if op.window then
       nkeys = nkeys + 1
     end
@@ -176,30 +225,32 @@ local function read(key)
   return v
 end
 
+-- largest is the largest finite float64.
+local largest = 1.7976931348623157e308
+
 local function bucket_request(op)
-  local n, first = op.n, op.key
+  local n, key = op.n, KEYS[op.key]
+  -- One read for all of the request's buckets; a key of another type
+  -- fails this operation alone.
+  local stored = redis.pcall('HMGET', key, unpack(op.name))
+  if stored.err then
+    return redis.error_reply(stored.err .. ' (connectlimit batch.lua, key ' .. key .. ')')
+  end
   local level = {}
   local allowed = true
   for j = 1, n do
-    local key = KEYS[first + j - 1]
     local c, r, x = op.capacity[j], op.rate[j], op.cost[j]
     local tokens = c
-    local stored, err = read(key)
-    if err then
-      return err
-    end
-    if stored then
-      local t, at = string.match(stored, '^(%S+) (%S+)$')
-      t, at = tonumber(t), tonumber(at)
-      if not (t and at) or t ~= t or at ~= at then
-        return fail('malformed bucket value at key ' .. key)
+    if stored[j] then
+      -- E is finite, or +inf for a debt beyond the float64 range; -inf
+      -- would be a full bucket, which is never stored.
+      local e = tonumber(stored[j])
+      if not e or e ~= e or e == -math.huge then
+        return fail('malformed bucket value at key ' .. key .. ', field ' .. op.name[j])
       end
-      -- A clock that stepped back (elapsed < 0) refills nothing.
-      local elapsed = now - at
-      if elapsed > 0 then
-        t = t + elapsed / 1e6 * r
-      end
-      tokens = math.min(t, c)
+      -- A clock that stepped back (now < the last write) shows less than
+      -- was stored: it never shows more.
+      tokens = math.min((now - e) / 1e6 * r, c)
     end
     level[j] = tokens
 
@@ -211,21 +262,22 @@ local function bucket_request(op)
     end
   end
 
-  local reply = {0}
+  local formatted = {}
   for j = 1, n do
-    reply[j + 1] = string.format('%.17g', level[j])
+    formatted[j] = string.format('%.17g', level[j])
   end
+  local reply = {0, table.concat(formatted, ' ')}
 
   -- The ID is checked before the decision counts: a duplicate is reported as
   -- such even if its buckets could not pay now.
-  local marker = op.window and KEYS[first + n]
+  local marker = op.window and KEYS[op.key + 1]
   if marker then
-    local stored, err = read(marker)
+    local v, err = read(marker)
     if err then
       return err
     end
-    if stored then
-      local expires = tonumber(stored)
+    if v then
+      local expires = tonumber(v)
       if not expires or expires ~= expires then
         return fail('malformed id marker value at key ' .. marker)
       end
@@ -240,25 +292,59 @@ local function bucket_request(op)
     return reply
   end
 
+  local set, full = {}, {}
+  -- ttl is the longest time until full of the written buckets, in
+  -- milliseconds.
+  local ttl = 0
   for j = 1, n do
-    local key = KEYS[first + j - 1]
+    local c, r = op.capacity[j], op.rate[j]
     local after = level[j] - op.cost[j]
     if op.kind == 'adjust' then
       -- A refund never lifts a bucket above capacity.
-      after = math.min(after, op.capacity[j])
+      after = math.min(after, c)
     end
-    if after >= op.capacity[j] then
-      redis.call('DEL', key)
-    elseif not server_clock then
-      redis.call('SET', key, string.format('%.17g %.0f', after, now))
-    else
-      local ms = math.ceil((op.capacity[j] - after) / op.rate[j] * 1000)
+    if after >= c then
+      -- A full bucket is not stored.
+      if stored[j] then
+        full[#full + 1] = op.name[j]
+      end
+    elseif op.cost[j] ~= 0 then
+      -- (A zero cost leaves the level, and so E, as it is.) q is the level
+      -- in microseconds of refill, rounded down, so that the stored level
+      -- is never above the exact one by more than float64 rounding and is
+      -- below it by less than 1 µs of refill. The nudge of a few ulps keeps
+      -- a level that is a whole number of microseconds, but came out of
+      -- the division a hair below it, exact.
+      local q = after / r * 1e6
+      if q > -math.huge and q < math.huge then
+        q = math.floor(q + math.abs(q) * 2 ^ -51)
+      end
+      -- +inf would make E -inf, a full bucket; -inf makes E +inf.
+      q = math.min(q, largest)
+      set[#set + 1] = op.name[j]
+      set[#set + 1] = string.format('%.17g', now - q)
+      -- The stored bucket is full (c / r * 1e6 - q) µs from now, less than
+      -- 1 µs after the exact level would be: a millisecond more than that
+      -- also covers the float64 rounding of this sum.
+      local ms = math.floor(((c - after) / r * 1e6 + 1) / 1000) + 1
       if ms ~= ms or ms > max_ttl_ms then
         ms = max_ttl_ms
-      elseif ms < 1 then
-        ms = 1
       end
-      redis.call('SET', key, string.format('%.17g %.0f', after, now), 'PX', string.format('%.0f', ms))
+      ttl = math.max(ttl, ms)
+    end
+  end
+  if #full > 0 then
+    redis.call('HDEL', key, unpack(full))
+  end
+  if #set > 0 then
+    redis.call('HSET', key, unpack(set))
+    -- The hash lives until its last bucket is full: raise its TTL, never
+    -- lower it, since other buckets of the subject may need it longer.
+    if server_clock then
+      local pttl = redis.call('PTTL', key)
+      if pttl < ttl then
+        redis.call('PEXPIRE', key, string.format('%.0f', ttl))
+      end
     end
   end
   if marker then

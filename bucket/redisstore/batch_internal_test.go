@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"os"
 	"slices"
@@ -24,8 +25,8 @@ import (
 func TestBatchScriptRejectsMalformedBatches(t *testing.T) {
 	t.Parallel()
 	client := redistest.Start(t).NewClient(t)
-	const good = "take - 5 1 1"
-	goodKeys := []string{"v:{a}:b"}
+	const good = "take - b 5 1 1"
+	goodKeys := []string{"v:{a}"}
 	for _, tc := range []struct {
 		name    string
 		keys    []string
@@ -35,20 +36,23 @@ func TestBatchScriptRejectsMalformedBatches(t *testing.T) {
 		{name: "no operations", keys: nil, args: []any{""}, wantErr: "at least one operation"},
 		{name: "bad now", keys: goodKeys, args: []any{"soon", good}, wantErr: "now is not a number"},
 		{name: "NaN now", keys: goodKeys, args: []any{"nan", good}, wantErr: "now is not a number"},
-		{name: "unknown operation", keys: append(goodKeys, "v:{a}:c"), args: []any{"", good, "charge - 5 1 1"}, wantErr: "operation 2: unknown operation charge"},
+		{name: "unknown operation", keys: append(goodKeys, "v:{a}"), args: []any{"", good, "charge - c 5 1 1"}, wantErr: "operation 2: unknown operation charge"},
 		{name: "empty operation", keys: goodKeys, args: []any{"", good, ""}, wantErr: "operation 2: unknown operation nil"},
-		{name: "take without buckets", keys: goodKeys, args: []any{"", good, "take -"}, wantErr: "operation 2: take wants a window and 3 numbers per bucket"},
-		{name: "take with a partial bucket", keys: append(goodKeys, "v:{a}:c"), args: []any{"", good, "take - 5 1"}, wantErr: "operation 2: take wants"},
-		{name: "zero window", keys: append(goodKeys, "v:{a}:c", "v:{a}~id:x"), args: []any{"", good, "adjust 0 5 1 1"}, wantErr: "window is not a positive number: 0"},
-		{name: "NaN window", keys: append(goodKeys, "v:{a}:c", "v:{a}~id:x"), args: []any{"", good, "adjust nan 5 1 1"}, wantErr: "window is not a positive number"},
-		{name: "NaN cost", keys: append(goodKeys, "v:{a}:c"), args: []any{"", good, "take - 5 1 nan"}, wantErr: "bucket 1: capacity, rate or cost is not a number"},
-		{name: "infinite capacity", keys: append(goodKeys, "v:{a}:c"), args: []any{"", good, "take - inf 1 1"}, wantErr: "bucket 1: capacity, rate or cost is not a number"},
+		{name: "take without buckets", keys: goodKeys, args: []any{"", good, "take -"}, wantErr: "operation 2: take wants a window and a name and 3 numbers per bucket"},
+		{name: "take with a partial bucket", keys: append(goodKeys, "v:{a}"), args: []any{"", good, "take - c 5 1"}, wantErr: "operation 2: take wants"},
+		{name: "take without a name", keys: append(goodKeys, "v:{a}"), args: []any{"", good, "take - 5 1 1"}, wantErr: "operation 2: take wants"},
+		{name: "zero window", keys: append(goodKeys, "v:{a}", "v:{a}~id:x"), args: []any{"", good, "adjust 0 c 5 1 1"}, wantErr: "window is not a positive number: 0"},
+		{name: "NaN window", keys: append(goodKeys, "v:{a}", "v:{a}~id:x"), args: []any{"", good, "adjust nan c 5 1 1"}, wantErr: "window is not a positive number"},
+		{name: "NaN cost", keys: append(goodKeys, "v:{a}"), args: []any{"", good, "take - c 5 1 nan"}, wantErr: "bucket 1: capacity, rate or cost is not a number"},
+		{name: "infinite capacity", keys: append(goodKeys, "v:{a}"), args: []any{"", good, "take - c inf 1 1"}, wantErr: "bucket 1: capacity, rate or cost is not a number"},
+		{name: "zero rate", keys: append(goodKeys, "v:{a}"), args: []any{"", good, "take - c 5 1 1 d 5 0 1"}, wantErr: "bucket 2: capacity and rate must be positive"},
+		{name: "negative capacity", keys: append(goodKeys, "v:{a}"), args: []any{"", good, "take - c -5 1 1"}, wantErr: "bucket 1: capacity and rate must be positive"},
 		{name: "acquire without ttl", keys: append(goodKeys, "v:{a}~lease:n"), args: []any{"", good, "acquire 1 m"}, wantErr: "operation 2: acquire wants"},
 		{name: "acquire with zero limit", keys: append(goodKeys, "v:{a}~lease:n"), args: []any{"", good, "acquire 0 100 m"}, wantErr: "operation 2: acquire wants"},
 		{name: "release with two members", keys: append(goodKeys, "v:{a}~lease:n"), args: []any{"", good, "release m n"}, wantErr: "operation 2: release wants a member"},
 		{name: "too few keys", keys: goodKeys, args: []any{"", good, good}, wantErr: "the operations name 2 keys, got 1"},
-		{name: "too many keys", keys: append(goodKeys, "v:{a}:c", "v:{a}:d"), args: []any{"", good, good}, wantErr: "the operations name 2 keys, got 3"},
-		{name: "marker key missing", keys: append(goodKeys, "v:{a}:c"), args: []any{"", good, "take 1000 5 1 1"}, wantErr: "the operations name 3 keys, got 2"},
+		{name: "too many keys", keys: append(goodKeys, "v:{a}", "v:{a}~id:x"), args: []any{"", good, good}, wantErr: "the operations name 2 keys, got 3"},
+		{name: "marker key missing", keys: append(goodKeys, "v:{a}"), args: []any{"", good, "take 1000 c 5 1 1"}, wantErr: "the operations name 3 keys, got 2"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
@@ -76,18 +80,19 @@ func TestBatchScriptRejectsMalformedBatches(t *testing.T) {
 func TestBatchScriptReplies(t *testing.T) {
 	t.Parallel()
 	client := redistest.Start(t).NewClient(t)
-	if err := client.Set(t.Context(), "r:{a}:bad", "1", 0).Err(); err != nil {
+	if err := client.HSet(t.Context(), "r:{a}", "bad", "x").Err(); err != nil {
 		t.Fatal(err)
 	}
-	keys := []string{"r:{a}:b", "r:{a}:b", "r:{a}:c", "r:{a}~id:x", "r:{a}:b", "r:{a}~id:x", "r:{a}:b", "r:{a}:bad", "r:{a}~lease:n", "r:{a}~lease:n", "r:{a}~lease:n"}
+	keys := []string{"r:{a}", "r:{a}", "r:{a}", "r:{a}~id:x", "r:{a}", "r:{a}~id:x", "r:{a}", "r:{a}", "r:{a}", "r:{a}~lease:n", "r:{a}~lease:n", "r:{a}~lease:n"}
 	args := []any{
 		"1000000",
-		"take - 5 1 2",
-		"take - 5 1 4",           // denied: 3 left
-		"adjust 2000000 3 1 0.5", // writes c and the marker
-		"take 2000000 5 1 9",     // a duplicate, though it could not pay
-		"take - 5 1 0",
-		"take - 5 1 1", // a malformed bucket: fails alone
+		"take - b 5 1 2",
+		"take - b 5 1 4",           // denied: 3 left
+		"adjust 2000000 c 3 1 0.5", // writes c and the marker
+		"take 2000000 b 5 1 9",     // a duplicate, though it could not pay
+		"take - b 5 1 0",
+		"take - b 5 1 0 c 3 1 0 d 7 1 0", // the levels of three buckets, in order
+		"take - c 3 1 1 bad 5 1 1",       // a malformed bucket: fails alone
 		"acquire 1 500 m1",
 		"acquire 1 500 m2",
 		"release m1",
@@ -102,7 +107,8 @@ func TestBatchScriptReplies(t *testing.T) {
 		"[1 3]",
 		"[2 3]",
 		"[1 3]",
-		"ERR connectlimit batch.lua: malformed bucket value at key r:{a}:bad",
+		"[1 3 2.5 7]",
+		"ERR connectlimit batch.lua: malformed bucket value at key r:{a}, field bad",
 		"[1 1]",
 		"[0 1]",
 		"[0 0]",
@@ -114,8 +120,14 @@ func TestBatchScriptReplies(t *testing.T) {
 	if !slices.Equal(got, want) {
 		t.Fatalf("replies:\n%q\nwant\n%q", got, want)
 	}
-	if _, ok := reply[5].(redis.Error); !ok {
-		t.Fatalf("reply 5 is a %T, want a redis.Error", reply[5])
+	if _, ok := reply[6].(redis.Error); !ok {
+		t.Fatalf("reply 6 is a %T, want a redis.Error", reply[6])
+	}
+	// The stored state: b and c hold their empty instants, the present
+	// (1 s) less their levels (3 and 2.5 tokens, at 1 token per second), in
+	// microseconds; d is full, so not stored; bad is as it was.
+	if got, err := client.HGetAll(t.Context(), "r:{a}").Result(); err != nil || !maps.Equal(got, map[string]string{"b": "-2000000", "c": "-1500000", "bad": "x"}) {
+		t.Fatalf("HGETALL r:{a} = %v, %v", got, err)
 	}
 }
 

@@ -293,7 +293,8 @@ func (st step) String() string {
 }
 
 // snapshot returns every key under prefix, without the prefix, with its
-// value: a string as is, a sorted set as its members and scores.
+// value: a string as is, a hash as its fields and values, a sorted set as
+// its members and scores.
 func snapshot(t *testing.T, c *redis.Client, prefix string) map[string]string {
 	t.Helper()
 	keys, err := c.Keys(t.Context(), prefix+":*").Result()
@@ -308,6 +309,9 @@ func snapshot(t *testing.T, c *redis.Client, prefix string) map[string]string {
 			v = c.Get(t.Context(), k).Val()
 		case "zset":
 			v = fmt.Sprint(c.ZRangeWithScores(t.Context(), k, 0, -1).Val())
+		case "hash":
+			// fmt prints a map with its keys sorted.
+			v = fmt.Sprint(c.HGetAll(t.Context(), k).Val())
 		case "list":
 			v = fmt.Sprint(c.LRange(t.Context(), k, 0, -1).Val())
 		default:
@@ -387,7 +391,7 @@ func TestMixedBatch(t *testing.T) {
 		t.Errorf("unexpected outcomes: %+v", got)
 	}
 	st, ss := snapshot(t, client, "batched"), snapshot(t, client, "sequential")
-	delete(st, ":{plug}:plug")
+	delete(st, ":{plug}")
 	if !reflect.DeepEqual(st, ss) {
 		t.Errorf("keys after the batch:\n%v\nafter sequential calls:\n%v", st, ss)
 	}
@@ -403,9 +407,8 @@ func TestPerOperationFailure(t *testing.T) {
 	s := redisstore.New(client, redisstore.WithKeyPrefix("po"), redisstore.WithTimeout(hungTimeout))
 	ctx := t.Context()
 	for _, err := range []error{
-		client.Set(ctx, "po:{alice}:garbage", "x y z", 0).Err(),
-		client.Set(ctx, "po:{alice}:nan", "nan 1", 0).Err(),
-		client.RPush(ctx, "po:{alice}:list", "x").Err(),
+		client.HSet(ctx, "po:{alice}", "garbage", "x y z", "nan", "nan").Err(),
+		client.RPush(ctx, "po:{carol}", "x").Err(),
 		client.Set(ctx, "po:{alice}~id:bad-marker", "soon", 0).Err(),
 		client.Set(ctx, "po:{alice}~lease:string", "x", 0).Err(),
 	} {
@@ -418,15 +421,16 @@ func TestPerOperationFailure(t *testing.T) {
 	rows := []struct {
 		step    step
 		wantErr string
-		// untouched is a key the failed step would have written.
+		// untouched is a field of alice's bucket hash that the failed
+		// step would have written.
 		untouched string
 	}{
-		{step: step{take: bucket.Request{Subject: "alice", Charges: []bucket.Charge{good("first")}}}},
-		{step: step{take: bucket.Request{Subject: "alice", Charges: []bucket.Charge{good("g1"), good("garbage")}}}, wantErr: "malformed bucket value at key po:{alice}:garbage", untouched: "po:{alice}:g1"},
-		{step: step{take: bucket.Request{Subject: "alice", Charges: []bucket.Charge{good("g2"), good("nan")}}}, wantErr: "malformed bucket value at key po:{alice}:nan", untouched: "po:{alice}:g2"},
-		{step: step{take: bucket.Request{Subject: "alice", Mode: bucket.ModeAdjust, Charges: []bucket.Charge{good("g3"), good("list")}}}, wantErr: "WRONGTYPE", untouched: "po:{alice}:g3"},
-		{step: step{take: bucket.Request{Subject: "alice", ID: "bad-marker", Charges: []bucket.Charge{good("g4")}}}, wantErr: "malformed id marker value", untouched: "po:{alice}:g4"},
-		{step: step{take: bucket.Request{Subject: "alice", Charges: []bucket.Charge{good("first")}}}},
+		{step: step{take: bucket.Request{Subject: "dave", Charges: []bucket.Charge{good("first")}}}},
+		{step: step{take: bucket.Request{Subject: "alice", Charges: []bucket.Charge{good("g1"), good("garbage")}}}, wantErr: "malformed bucket value at key po:{alice}, field garbage", untouched: "g1"},
+		{step: step{take: bucket.Request{Subject: "alice", Charges: []bucket.Charge{good("g2"), good("nan")}}}, wantErr: "malformed bucket value at key po:{alice}, field nan", untouched: "g2"},
+		{step: step{take: bucket.Request{Subject: "carol", Mode: bucket.ModeAdjust, Charges: []bucket.Charge{good("g3")}}}, wantErr: "WRONGTYPE"},
+		{step: step{take: bucket.Request{Subject: "alice", ID: "bad-marker", Charges: []bucket.Charge{good("g4")}}}, wantErr: "malformed id marker value", untouched: "g4"},
+		{step: step{take: bucket.Request{Subject: "dave", Charges: []bucket.Charge{good("first")}}}},
 		{step: step{acquire: bucket.LeaseRequest{Subject: "alice", Name: "string", Limit: 1, ID: "l", TTL: time.Minute}}, wantErr: "WRONGTYPE"},
 		{step: step{acquire: bucket.LeaseRequest{Subject: "alice", Name: "gen", Limit: 1, ID: "l", TTL: time.Minute}}},
 		{step: step{release: [3]string{"alice", "string", "l"}}, wantErr: "WRONGTYPE"},
@@ -454,8 +458,8 @@ func TestPerOperationFailure(t *testing.T) {
 			t.Errorf("step %d (%v): %v; want a Redis error wrapping bucket.ErrNotApplied and bucket.ErrRejected, mentioning %q", i, row.step, err, row.wantErr)
 		}
 		if row.untouched != "" {
-			if n, err := client.Exists(t.Context(), row.untouched).Result(); err != nil || n != 0 {
-				t.Errorf("step %d (%v) failed but wrote %s", i, row.step, row.untouched)
+			if ok, err := client.HExists(t.Context(), "po:{alice}", row.untouched).Result(); err != nil || ok {
+				t.Errorf("step %d (%v) failed but wrote bucket %s", i, row.step, row.untouched)
 			}
 		}
 	}
@@ -835,7 +839,7 @@ func TestRing(t *testing.T) {
 		var onA, onB int
 		shardA := a.NewClient(t)
 		for i := range subjects {
-			k := fmt.Sprintf("placed:{user:%d}:b", i)
+			k := fmt.Sprintf("placed:{user:%d}", i)
 			if n, err := ring.Exists(t.Context(), k).Result(); err != nil || n != 1 {
 				t.Errorf("the Ring does not find %s: %d, %v", k, n, err)
 			}

@@ -17,31 +17,46 @@ const hashMarker = "#"
 // beyond any birthday bound, and a whole number of base64 characters (24).
 const hashBytes = 18
 
-// Every key is "<prefix>:{<subject>}" followed by a separator that says
-// what it holds and the rest of its name, all escaped. The subject is the
-// hash tag, so all keys of one subject share a Cluster slot, and since an
-// escaped prefix or subject has no braces, the first "{" and "}" delimit
-// it: keys that differ in prefix, subject, kind or name never coincide.
+// Every key is "<prefix>:{<subject>}", alone or followed by a separator
+// that says what it holds and the rest of its name, all escaped. The
+// subject is the hash tag, so all keys of one subject share a Cluster slot,
+// and since an escaped prefix or subject has no braces, the first "{" and
+// "}" delimit it: keys that differ in prefix, subject, kind or name never
+// coincide.
 const (
-	// bucketSep follows the subject in a bucket's key.
-	bucketSep = "}:"
-	// idSep follows the subject in a request ID's marker key. It differs
-	// from bucketSep right after the "}", so no marker equals a bucket key.
+	// idSep follows the subject in a request ID's marker key. Nothing
+	// follows it in a bucket hash's key.
 	idSep = "}~id:"
 	// leaseSep follows the subject in a lease set's key. It differs from
 	// idSep right after the "~".
 	leaseSep = "}~lease:"
 )
 
-// key returns the key of one bucket from its already escaped parts.
-func key(prefix, subject, bucketName string) string {
-	return prefix + ":{" + subject + bucketSep + bucketName
+// bucketsKey returns the key of the hash of one subject's buckets from its
+// already escaped parts. Its fields are the escaped bucket names.
+//
+// The previous storage format, one string "<tokens> <instant>" per bucket,
+// used the keys "<prefix>:{<subject>}:<bucket>": no key of this format
+// equals one of those, so a Store ignores them, and they expire on their
+// own TTLs.
+func bucketsKey(prefix, subject string) string {
+	return string(appendBucketsKey(nil, prefix, subject))
+}
+
+// appendBucketsKey appends bucketsKey(prefix, subject) to b.
+func appendBucketsKey(b []byte, prefix, subject string) []byte {
+	return append(append(append(append(b, prefix...), ":{"...), subject...), '}')
 }
 
 // idKey returns the marker key of one request ID from its already escaped
 // parts.
 func idKey(prefix, subject, id string) string {
-	return prefix + ":{" + subject + idSep + id
+	return string(appendIDKey(nil, prefix, subject, id))
+}
+
+// appendIDKey appends idKey(prefix, subject, id) to b.
+func appendIDKey(b []byte, prefix, subject, id string) []byte {
+	return append(append(append(append(append(b, prefix...), ":{"...), subject...), idSep...), id...)
 }
 
 // leaseKey returns the key of the lease set of one subject and lease name

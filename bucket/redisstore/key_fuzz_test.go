@@ -13,13 +13,14 @@ const maxEscapedBytes = max(maxVerbatim, 1+24)
 // bucket, request ID or lease name) and the longest separators.
 const maxKeyBytes = 3*maxEscapedBytes + len(":{") + len(leaseSep)
 
-// FuzzKey checks the keys of buckets, request ID markers and lease sets
-// built from arbitrary names, escaped as the Store escapes them: every key
-// is bounded, holds exactly one "{" and one "}" with the escaped subject
-// between them (a valid, non-empty Redis Cluster hash tag, so that all keys
-// of one subject share a slot), and keys of different kinds, subjects or
-// names never coincide, even when the names are spelled like other keys'
-// parts.
+// FuzzKey checks the keys of bucket hashes, request ID markers and lease
+// sets built from arbitrary names, escaped as the Store escapes them: every
+// key is bounded, holds exactly one "{" and one "}" with the escaped
+// subject between them (a valid, non-empty Redis Cluster hash tag, so that
+// all keys of one subject share a slot), and keys of different kinds,
+// subjects or names never coincide, even when the names are spelled like
+// other keys' parts; a subject's buckets share its one bucket hash, whose
+// field names (the escaped bucket names) have no spaces.
 //
 // The fuzzer gives a prefix and two subjects and two names, which the
 // target combines into 12 keys. The seeds in testdata/fuzz/FuzzKey are
@@ -31,7 +32,14 @@ func FuzzKey(f *testing.F) {
 		kinds := []struct {
 			kind string
 			make func(prefix, subject, name string) string
-		}{{"bucket", key}, {"id", idKey}, {"lease", leaseKey}}
+		}{
+			// A subject's buckets share one hash, whose fields are their
+			// escaped names (checked by checkEscaped: no spaces, which
+			// batch.lua splits its arguments on).
+			{"bucket", func(prefix, subject, _ string) string { return bucketsKey(prefix, subject) }},
+			{"id", idKey},
+			{"lease", leaseKey},
+		}
 		type built struct{ kind, subject, name, key string }
 		var keys []built
 		for _, subj := range []string{subject, otherSubject} {
@@ -48,7 +56,7 @@ func FuzzKey(f *testing.F) {
 		}
 		for i, a := range keys {
 			for _, b := range keys[i+1:] {
-				same := a.kind == b.kind && a.subject == b.subject && a.name == b.name
+				same := a.kind == b.kind && a.subject == b.subject && (a.name == b.name || a.kind == "bucket")
 				if (a.key == b.key) != same {
 					t.Fatalf("%s key of subject %q named %q is %q, %s key of subject %q named %q is %q",
 						a.kind, a.subject, a.name, a.key, b.kind, b.subject, b.name, b.key)

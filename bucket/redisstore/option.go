@@ -45,19 +45,20 @@ func (f optionFunc) apply(c *config) { f(c) }
 // several applications (or tests) can share one Redis. The default is
 // [DefaultKeyPrefix], "cl".
 //
-// Keys are "<prefix>:{<subject>}:<bucket>" for buckets,
-// "<prefix>:{<subject>}~id:<request ID>" for the markers of idempotent
-// requests and "<prefix>:{<subject>}~lease:<lease name>" for lease sets;
-// lease set members are lease IDs. Each of prefix, subject, bucket name,
-// request ID, lease name and lease ID is used as is when it is at most 64
-// bytes drawn from A-Z a-z 0-9 and . _ @ = - : (so "user:alice" stays
-// readable); any other string, including one with braces, control bytes,
-// invalid UTF-8 or more than 64 bytes, is replaced by "#" and the first 144
-// bits of its SHA-256 in unpadded base64url (25 bytes in all). A verbatim
-// name never contains "#", so it never equals a hashed one; the subject,
-// being brace-free, is exactly the key's Cluster hash tag; and the
-// character after its "}" (":" or "~") keeps buckets apart from markers
-// and lease sets.
+// Keys are "<prefix>:{<subject>}" for the hash of a subject's buckets,
+// whose fields are bucket names, "<prefix>:{<subject>}~id:<request ID>"
+// for the markers of idempotent requests and
+// "<prefix>:{<subject>}~lease:<lease name>" for lease sets, whose members
+// are lease IDs. Each of prefix, subject, bucket name, request ID, lease
+// name and lease ID is used as is when it is at most 64 bytes drawn from
+// A-Z a-z 0-9 and . _ @ = - : (so "user:alice" stays readable); any other
+// string, including one with braces, spaces, control bytes, invalid UTF-8
+// or more than 64 bytes, is replaced by "#" and the first 144 bits of its
+// SHA-256 in unpadded base64url (25 bytes in all). A verbatim name never
+// contains "#", so it never equals a hashed one; the subject, being
+// brace-free, is exactly the key's Cluster hash tag; and what follows its
+// "}" (nothing, or "~id:" or "~lease:") keeps bucket hashes apart from
+// markers and lease sets.
 func WithKeyPrefix(prefix string) Option {
 	return optionFunc(func(c *config) { c.prefix = prefix })
 }

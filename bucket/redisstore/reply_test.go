@@ -17,25 +17,31 @@ func TestParseReply(t *testing.T) {
 		wantLevels  []float64
 		wantErr     string
 	}{
-		{name: "applied", reply: []any{int64(1), "2.5", "-0.25"}, n: 2, wantVerdict: applied, wantLevels: []float64{2.5, -0.25}},
+		{name: "applied", reply: []any{int64(1), "2.5 -0.25"}, n: 2, wantVerdict: applied, wantLevels: []float64{2.5, -0.25}},
 		{name: "denied", reply: []any{int64(0), "0.10000000000000001"}, n: 1, wantVerdict: denied, wantLevels: []float64{0.1}},
-		{name: "duplicate", reply: []any{int64(2), "-3", "7"}, n: 2, wantVerdict: duplicate, wantLevels: []float64{-3, 7}},
+		{name: "duplicate", reply: []any{int64(2), "-3 7 1e+15"}, n: 3, wantVerdict: duplicate, wantLevels: []float64{-3, 7, 1e15}},
 		{name: "debt beyond float range", reply: []any{int64(1), "-inf"}, n: 1, wantVerdict: applied, wantLevels: []float64{math.Inf(-1)}},
 		{name: "too short", reply: []any{int64(1)}, n: 1, wantErr: "1 elements, want 2"},
 		{name: "too long", reply: []any{int64(1), "1", "2"}, n: 1, wantErr: "3 elements, want 2"},
 		{name: "verdict not integer", reply: []any{"1", "1"}, n: 1, wantErr: "verdict is string"},
 		{name: "verdict out of range", reply: []any{int64(3), "1"}, n: 1, wantErr: "verdict is int64 3"},
 		{name: "verdict negative", reply: []any{int64(-1), "1"}, n: 1, wantErr: "verdict is int64 -1"},
-		{name: "level truncated to integer", reply: []any{int64(1), int64(3)}, n: 1, wantErr: "level 0 is int64"},
-		{name: "level not a number", reply: []any{int64(1), "1", "x"}, n: 2, wantErr: `level 1 is "x"`},
+		{name: "levels truncated to integer", reply: []any{int64(1), int64(3)}, n: 1, wantErr: "levels are int64"},
+		{name: "too few levels", reply: []any{int64(1), "1 2"}, n: 3, wantErr: `levels "1 2", want 3 numbers`},
+		{name: "too many levels", reply: []any{int64(1), "1 2"}, n: 1, wantErr: `levels "1 2", want 1 numbers`},
+		{name: "no levels", reply: []any{int64(1), ""}, n: 1, wantErr: `level 0 is ""`},
+		{name: "double space", reply: []any{int64(1), "1  2"}, n: 2, wantErr: "want 2 numbers"},
+		{name: "trailing space", reply: []any{int64(1), "1 "}, n: 1, wantErr: "want 1 numbers"},
+		{name: "level not a number", reply: []any{int64(1), "1 x"}, n: 2, wantErr: `level 1 is "x"`},
 		{name: "level NaN", reply: []any{int64(1), "nan"}, n: 1, wantErr: `level 0 is "nan"`},
-		{name: "level nil", reply: []any{int64(0), nil}, n: 1, wantErr: "level 0 is <nil>"},
+		{name: "levels nil", reply: []any{int64(0), nil}, n: 1, wantErr: "levels are <nil>"},
 		{name: "not an array", reply: "OK", n: 1, wantErr: "string, want an array"},
 		{name: "nil", reply: nil, n: 1, wantErr: "<nil>, want an array"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
-			got, levels, err := parseReply(tc.reply, tc.n)
+			levels := make([]float64, tc.n)
+			got, err := parseReply(tc.reply, levels)
 			if tc.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
 					t.Fatalf("parseReply(%v) error = %v, want one containing %q", tc.reply, err, tc.wantErr)
@@ -103,17 +109,22 @@ func TestParseLeaseReply(t *testing.T) {
 
 func TestKeyKindsAreDistinct(t *testing.T) {
 	t.Parallel()
-	// Whatever the names, once escaped, a bucket key, an ID marker and a
+	// Whatever the names, once escaped, a bucket hash, an ID marker and a
 	// lease set of the same or different subjects never coincide, even
 	// when the names look like other keys' tails.
 	names := []string{"a", "id:a", "lease:a", "~id:a", "}~id:a", ":a", "a:b", "}:a", "a}~lease:b", "{x}", escape("x")}
 	seen := map[string]string{}
 	for _, subj := range []string{"s", "s}", "s:", "s}~id:", "s}:", escape("s}")} {
+		k := bucketsKey("p", escape(subj))
+		what := fmt.Sprintf("bucket hash of subject %q", subj)
+		if prev, ok := seen[k]; ok {
+			t.Fatalf("%s and %s share the key %q", prev, what, k)
+		}
+		seen[k] = what
 		for _, name := range names {
 			for kind, k := range map[string]string{
-				"bucket": key("p", escape(subj), escape(name)),
-				"id":     idKey("p", escape(subj), escape(name)),
-				"lease":  leaseKey("p", escape(subj), escape(name)),
+				"id":    idKey("p", escape(subj), escape(name)),
+				"lease": leaseKey("p", escape(subj), escape(name)),
 			} {
 				what := fmt.Sprintf("%s of subject %q named %q", kind, subj, name)
 				if prev, ok := seen[k]; ok {
