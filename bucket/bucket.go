@@ -127,6 +127,20 @@ func NewLimit(capacity, refillPerSecond float64) (Limit, error) {
 // Validate reports whether l can be used: both fields must be greater than
 // zero and at most [MaxTokens]. The error names the field and the value.
 func (l Limit) Validate() error {
+	if l.valid() {
+		return nil
+	}
+	return l.invalid()
+}
+
+// valid reports whether Validate returns nil, cheaply enough to be inlined
+// into the validation of every request.
+func (l Limit) valid() bool {
+	return l.Capacity > 0 && l.Capacity <= MaxTokens && l.RefillPerSecond > 0 && l.RefillPerSecond <= MaxTokens
+}
+
+// invalid returns the error of a Limit that is not valid.
+func (l Limit) invalid() error {
 	if err := positiveBounded("capacity", l.Capacity); err != nil {
 		return err
 	}
@@ -147,7 +161,7 @@ func (l Limit) Refill(tokens float64, elapsed time.Duration) float64 {
 	if elapsed > 0 {
 		tokens += elapsed.Seconds() * l.RefillPerSecond
 	}
-	return math.Min(tokens, l.Capacity)
+	return min(tokens, l.Capacity)
 }
 
 // TimeToFull is how long a bucket holding tokens takes to refill to
@@ -175,7 +189,7 @@ func (l Limit) retryAfter(tokens, cost float64) time.Duration {
 		return 0
 	}
 	deficit := cost - tokens
-	if noise := deficit * refillNoise; noise > tolerance*math.Max(1, cost) {
+	if noise := deficit * refillNoise; noise > tolerance*max(1, cost) {
 		deficit += noise
 	}
 	return secondsCeil(deficit / l.RefillPerSecond)
@@ -231,6 +245,25 @@ type Charge struct {
 	Cost float64
 }
 
+// Apply returns the level of a bucket holding tokens once c is applied to
+// it in mode, and whether c can be applied: with [ModeAdjust] always (the
+// level may go below zero, and never above Capacity); with [ModeTake] only
+// if the cost is at most Capacity and tokens cover it (up to floating-point
+// noise), and otherwise the level stays tokens. It is how [Decide] judges
+// each bucket, for stores that must apply a decision before they build it.
+func (c Charge) Apply(mode Mode, tokens float64) (remaining float64, ok bool) {
+	switch {
+	case mode == ModeAdjust:
+		return min(tokens-c.Cost, c.Limit.Capacity), true
+	case c.Cost > c.Limit.Capacity:
+		return tokens, false
+	case tokens-c.Cost >= -tolerance*max(1, c.Cost):
+		return tokens - c.Cost, true
+	default:
+		return tokens, false
+	}
+}
+
 // Request asks a [Store] to charge some of one subject's buckets at once.
 // Every bucket of a request belongs to the same subject, which is what lets a
 // Redis Cluster store keep them in one hash slot.
@@ -266,6 +299,14 @@ type Request struct {
 	// most [MaxIDWindow], and should exceed the longest time after which
 	// the caller may resend the request.
 	IDWindow time.Duration
+	// Into, when its capacity is at least len(Charges), is the array that
+	// the decision's Buckets are written to, instead of a new one: a
+	// caller that decides one request at a time can reuse one array and
+	// decide without allocating. The decision's Buckets then share Into's
+	// array, so the caller must be done with a decision before it sends
+	// the same array again. Into's length and contents are ignored. Nil,
+	// the default, allocates.
+	Into []BucketState
 }
 
 // Window returns the request's ID window: IDWindow, or [DefaultIDWindow]
@@ -304,8 +345,8 @@ func (r Request) Validate() error {
 				return fmt.Errorf("%w: bucket %q is charged twice", ErrInvalidRequest, c.Bucket)
 			}
 		}
-		if err := c.Limit.Validate(); err != nil {
-			return fmt.Errorf("%w: bucket %q: %w", ErrInvalidRequest, c.Bucket, err)
+		if !c.Limit.valid() {
+			return fmt.Errorf("%w: bucket %q: %w", ErrInvalidRequest, c.Bucket, c.Limit.invalid())
 		}
 		switch {
 		case r.Mode == ModeTake && !(c.Cost >= 0 && c.Cost <= MaxTokens):
@@ -404,31 +445,37 @@ func (d Decision) Denying() (BucketState, bool) {
 	return worst, found
 }
 
+// buckets returns the slice a decision of r fills: Into's array if it is
+// large enough, else a new one.
+func (r Request) buckets() []BucketState {
+	n := len(r.Charges)
+	if cap(r.Into) >= n {
+		return r.Into[:n]
+	}
+	return make([]BucketState, n)
+}
+
 // Decide is the token-bucket arithmetic every store shares. Given a valid
 // request and the current level of each of its buckets (tokens[i] for
 // Charges[i], already refilled to the present with [Limit.Refill]), it
 // returns the decision; if it is allowed, each bucket's Remaining is the
 // level to store. It does not read a clock, and it does not modify tokens.
+// Its Buckets are written to req.Into when that is large enough (see
+// [Request.Into]).
 func Decide(req Request, tokens []float64) Decision {
-	d := Decision{Allowed: true, Buckets: make([]BucketState, len(req.Charges))}
+	d := Decision{Allowed: true, Buckets: req.buckets()}
 	for i, c := range req.Charges {
-		b := BucketState{Bucket: c.Bucket, Limit: c.Limit, Cost: c.Cost, Remaining: tokens[i]}
-		switch {
-		case req.Mode == ModeAdjust:
-			b.Allowed = true
-			b.Remaining = math.Min(tokens[i]-c.Cost, c.Limit.Capacity)
-		case c.Cost > c.Limit.Capacity:
-			// Never affordable: no RetryAfter, since no wait would help.
-		case tokens[i]-c.Cost >= -tolerance*math.Max(1, c.Cost):
-			b.Allowed = true
-			b.Remaining = tokens[i] - c.Cost
-		default:
-			b.RetryAfter = c.Limit.retryAfter(tokens[i], c.Cost)
-		}
+		b := &d.Buckets[i]
+		*b = BucketState{Bucket: c.Bucket, Limit: c.Limit, Cost: c.Cost}
+		b.Remaining, b.Allowed = c.Apply(req.Mode, tokens[i])
 		if !b.Allowed {
 			d.Allowed = false
+			// A cost over capacity gets no RetryAfter, since no wait would
+			// help.
+			if c.Cost <= c.Limit.Capacity {
+				b.RetryAfter = c.Limit.retryAfter(tokens[i], c.Cost)
+			}
 		}
-		d.Buckets[i] = b
 	}
 	for i := range d.Buckets {
 		b := &d.Buckets[i]
@@ -452,9 +499,10 @@ func Decide(req Request, tokens []float64) Decision {
 // is the current level and ResetAfter the time until full, as a zero-cost
 // read would report them. Unlike such a read, every bucket reports Allowed,
 // even one in debt, since the request was applied when it was first made.
-// It does not read a clock, and it does not modify tokens.
+// It does not read a clock, and it does not modify tokens. Like [Decide],
+// it writes Buckets to req.Into when that is large enough.
 func DecideDuplicate(req Request, tokens []float64) Decision {
-	d := Decision{Allowed: true, Duplicate: true, Buckets: make([]BucketState, len(req.Charges))}
+	d := Decision{Allowed: true, Duplicate: true, Buckets: req.buckets()}
 	for i, c := range req.Charges {
 		d.Buckets[i] = BucketState{
 			Bucket:     c.Bucket,

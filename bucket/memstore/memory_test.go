@@ -34,8 +34,9 @@ func (s *Store) held() (leaseSets, leases int) {
 
 // checkShards fails t unless every shard's entries, index and heap agree:
 // each bucket is in all three exactly once and found by its key, every
-// entry knows its heap position, no parent will be full later than its
-// children, the index is at most 3/4 full, and no shard is over its bound.
+// entry knows its heap position, every heap key is at most its bucket's
+// fullAt, no parent's key is above its children's, the index is at most
+// 3/4 full, and no shard is over its bound.
 func checkShards(t *testing.T, s *Store) {
 	t.Helper()
 	for i := range s.shards {
@@ -52,9 +53,9 @@ func checkShards(t *testing.T, s *Store) {
 				}
 			}
 		}
-		if len(sh.heap) != n || indexed != n || n > s.perShard {
+		if len(sh.heap) != n || len(sh.keys) != n || indexed != n || n > s.perShard {
 			sh.mu.Unlock()
-			t.Fatalf("shard %d: %d entries, %d in the heap, %d in the index, bound %d", i, n, len(sh.heap), indexed, s.perShard)
+			t.Fatalf("shard %d: %d entries, %d in the heap with %d keys, %d in the index, bound %d", i, n, len(sh.heap), len(sh.keys), indexed, s.perShard)
 		}
 		if size := len(sh.index); size&(size-1) != 0 || 4*n > 3*size {
 			sh.mu.Unlock()
@@ -69,11 +70,15 @@ func checkShards(t *testing.T, s *Store) {
 				sh.mu.Unlock()
 				t.Fatalf("shard %d: entry %v in slot %d has heap position %d, which holds another", i, e.key, slot, e.pos)
 			}
+			if k := sh.keys[e.pos]; k > e.fullAt {
+				sh.mu.Unlock()
+				t.Fatalf("shard %d: entry %v is full at %d, before its heap key %d", i, e.key, e.fullAt, k)
+			}
 		}
 		for pos := 1; pos < n; pos++ {
-			if parent := (pos - 1) / 2; sh.fullAt(parent) > sh.fullAt(pos) {
+			if parent := (pos - 1) / 2; sh.keys[parent] > sh.keys[pos] {
 				sh.mu.Unlock()
-				t.Fatalf("shard %d: heap position %d is full at %d, after its child %d at %d", i, parent, sh.fullAt(parent), pos, sh.fullAt(pos))
+				t.Fatalf("shard %d: heap position %d has key %d, above its child %d's %d", i, parent, sh.keys[parent], pos, sh.keys[pos])
 			}
 		}
 		sh.mu.Unlock()
@@ -318,4 +323,79 @@ func TestEmptyLeaseSetsHoldNoMemory(t *testing.T) {
 		t.Fatal(err)
 	}
 	check("after the last release", 0, 0)
+}
+
+// TestLazyHeapKeys drives one shard with charges (which leave heap keys
+// stale) and refunds (which lower them), and checks that every eviction
+// removes the bucket that is full soonest and every sweep removes exactly
+// the buckets that are full, whatever the keys.
+func TestLazyHeapKeys(t *testing.T) {
+	t.Parallel()
+	rng := rand.New(rand.NewPCG(2, 3))
+	clock := &fakeClock{now: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}
+	const bound = 16
+	s := New(WithClock(clock.Now), WithSweepInterval(0), WithMaxBuckets(bound*shardCount))
+	t.Cleanup(func() { _ = s.Close() })
+	sh := &s.shards[0]
+	var subjects []string
+	for i := 0; len(subjects) < 3*bound; i++ {
+		if subject := fmt.Sprint("user:", i); s.shard(s.subjectHash(subject)) == sh {
+			subjects = append(subjects, subject)
+		}
+	}
+	lim := bucket.Limit{Capacity: 100, RefillPerSecond: 10}
+	fullAts := func() map[key]int64 {
+		m := make(map[key]int64, len(sh.entries))
+		for _, e := range sh.entries {
+			m[e.key] = e.fullAt
+		}
+		return m
+	}
+	for step := range 20000 {
+		if rng.IntN(10) == 0 {
+			clock.now = clock.now.Add(time.Duration(rng.Int64N(int64(time.Second))))
+		}
+		if rng.IntN(50) == 0 {
+			before := fullAts()
+			s.Sweep()
+			now, after := int64(clock.now.Sub(s.epoch)), fullAts()
+			for k, fullAt := range before {
+				if _, kept := after[k]; kept != (fullAt > now) {
+					t.Fatalf("step %d: %v is full at %d; after the sweep at %d, kept = %v", step, k, fullAt, now, kept)
+				}
+			}
+			continue
+		}
+		req := bucket.Request{Subject: subjects[rng.IntN(len(subjects))], Charges: []bucket.Charge{{Bucket: "b", Limit: lim, Cost: float64(rng.IntN(60))}}}
+		if rng.IntN(3) == 0 {
+			req.Mode, req.Charges[0].Cost = bucket.ModeAdjust, -req.Charges[0].Cost
+		}
+		before, evictions := fullAts(), s.Evictions()
+		if _, err := s.Take(t.Context(), req); err != nil {
+			t.Fatal(err)
+		}
+		after := fullAts()
+		for k, fullAt := range before {
+			if _, kept := after[k]; kept || k.subject == req.Subject {
+				continue
+			}
+			// k was evicted to make room for req's bucket: none was
+			// full sooner.
+			for other, o := range before {
+				if o < fullAt {
+					t.Fatalf("step %d: evicted %v, full at %d, before %v, full at %d", step, k, fullAt, other, o)
+				}
+			}
+		}
+		if s.Evictions() < evictions {
+			t.Fatalf("step %d: Evictions went down", step)
+		}
+		if step%97 == 0 {
+			checkShards(t, s)
+		}
+	}
+	checkShards(t, s)
+	if s.Evictions() == 0 {
+		t.Fatal("no evictions: the test does not exercise them")
+	}
 }

@@ -9,6 +9,16 @@
 // the same shard; an expired lease is deleted on the next access to its
 // subject and name or by the sweep.
 //
+// # Cost of a decision
+//
+// A Take reads the clock before it takes its shard's lock (with the default
+// clock, only the monotonic clock, which costs half of [time.Now]), and
+// builds its decision after releasing it, so that the lock of a subject
+// every caller shares is held only for the lookup, the refill and the
+// update. A Take allocates nothing on an existing bucket when the caller
+// passes [bucket.Request.Into]; without it, it allocates the decision's
+// buckets, once, before taking the lock.
+//
 // # Bounded memory
 //
 // A Store holds at most [WithMaxBuckets] buckets ([DefaultMaxBuckets]
@@ -56,11 +66,13 @@ const DefaultSweepInterval = time.Minute
 
 // DefaultMaxBuckets is how many buckets a Store holds at most unless set
 // with [WithMaxBuckets]: 1<<20, about a million. Measured on amd64 with Go
-// 1.26, a bucket costs 84 to 100 bytes of heap (its 64-byte record, its
-// place in the index and in the eviction heap, and the arrays' spare room)
-// besides the strings of its subject and bucket name, which it shares with
-// the request that created it; BenchmarkMemoryPerBucket measures 96 bytes
-// at 100k buckets. A Store full at the default bound holds 84 MiB plus the
+// 1.26, a bucket costs 95 to 105 bytes of heap (its 64-byte record, its
+// 8-byte place in the index, its 12-byte place in the eviction heap, and
+// the arrays' spare room) besides the strings of its subject and bucket
+// name, which it shares with the request that created it:
+// BenchmarkMemoryPerBucket measures 105 bytes at 100k buckets and 95 at 1M
+// (an x/time/rate Limiter in a map, measured the same way, costs 115 and
+// 136). A Store full at the default bound holds about 95 MiB plus the
 // distinct subject strings. Buckets live only until they have refilled, so
 // a Store reaches its bound only under a flood of subjects.
 const DefaultMaxBuckets = 1 << 20
@@ -79,6 +91,8 @@ var (
 // with [New] and release it with [Store.Close]. It is safe for concurrent
 // use.
 type Store struct {
+	// now is the clock set with WithClock; nil means time.Now, which
+	// instant reads more cheaply.
 	now func() time.Time
 	// epoch is the instant the Store was made. Instants are kept as
 	// nanoseconds since epoch, which is smaller than a time.Time and, with
@@ -98,15 +112,29 @@ type key struct {
 	subject, name string
 }
 
+// equal reports whether k and o are the same key.
+func (k key) equal(o key) bool {
+	return sameString(k.subject, o.subject) && sameString(k.name, o.name)
+}
+
+// sameString reports whether a == b, without comparing the bytes when both
+// share them: a bucket keeps the strings of the request that created it,
+// and callers often send the same strings again (bucket names from their
+// configuration), which == would compare byte by byte.
+func sameString(a, b string) bool {
+	return len(a) == len(b) && (unsafe.StringData(a) == unsafe.StringData(b) || a == b)
+}
+
 // entry is one bucket: its level at an instant, and when it will be full.
 // It is 64 bytes on 64-bit platforms.
 type entry struct {
 	key    key
 	tokens float64
 	// at and fullAt are nanoseconds since the Store's epoch. fullAt is
-	// when the bucket will have refilled to capacity, so that the heap can
-	// order buckets and the sweep drop them without redoing the refill
-	// arithmetic.
+	// when the bucket will have refilled to capacity, so that the eviction
+	// heap can order buckets and the sweep drop them without redoing the
+	// refill arithmetic (which needs the bucket's limit, which the Store
+	// does not keep).
 	at, fullAt int64
 	// pos is the entry's index in its shard's heap.
 	pos int32
@@ -123,17 +151,32 @@ type indexSlot struct {
 }
 
 type shardState struct {
+	// mu, last, entries and index, which every Take reads, come first, so
+	// that they share a cache line.
 	mu sync.Mutex
+	// last is the latest instant the shard has decided at (see
+	// [shard.advance]).
+	last int64
 	// entries holds the shard's buckets densely, in no order. index is an
 	// open-addressing hash table (linear probing, at most 3/4 full, its
 	// length a power of two) from each bucket's key to its slot in
-	// entries; it stores no key, so a bucket's strings are held once. heap
-	// holds every slot once, as a binary min-heap ordered by fullAt, so
-	// that the bucket nearest to full is heap[0]. A Go map keyed by
-	// subject and name measured about 50 bytes more per bucket.
+	// entries; it stores no key, so a bucket's strings are held once. A Go
+	// map keyed by subject and name measured about 50 bytes more per
+	// bucket.
+	//
+	// heap holds every slot once, as a binary min-heap ordered by keys,
+	// so that the bucket nearest to full is at its root: keys[i] is the key
+	// of heap[i], a lower bound of that bucket's fullAt. Charging a bucket
+	// only moves its fullAt later, so it leaves the key alone and costs no
+	// heap work; only a refund, which moves fullAt earlier, lowers the key
+	// at once. Whoever needs the exact root (an eviction, the sweep) first
+	// raises a stale root key to its bucket's fullAt and sifts it down (see
+	// [shard.root]). The keys sit in their own array so that sifting reads
+	// them in order rather than through the entries.
 	entries []entry
 	index   []indexSlot
 	heap    []int32
+	keys    []int64
 	// peak is the most buckets the shard has held since its storage was
 	// last rebuilt; the sweep rebuilds a shard that has shrunk well below
 	// it.
@@ -164,8 +207,12 @@ type optionFunc func(*Store)
 func (f optionFunc) apply(s *Store) { f(s) }
 
 // WithClock sets the function the Store reads the present from. The default
-// is [time.Now]. Tests pass a fake clock to see refill without sleeping. The
-// function must be safe for concurrent use.
+// (and what a nil function means) is [time.Now]. Tests pass a fake clock to
+// see refill without sleeping. The function must be safe for concurrent
+// use. The Store reads it before it locks the buckets it decides, and never
+// moves a bucket back in time: a call that read an instant earlier than one
+// its buckets were already decided at is decided at that later instant, so
+// a clock that steps back refills nothing until it has caught up.
 func WithClock(now func() time.Time) Option {
 	return optionFunc(func(s *Store) { s.now = now })
 }
@@ -209,7 +256,6 @@ const maxPerShard = 1 << 28
 // runs one background goroutine that [Store.Close] stops.
 func New(opts ...Option) *Store {
 	s := &Store{
-		now:      time.Now,
 		sweep:    DefaultSweepInterval,
 		perShard: perShard(DefaultMaxBuckets),
 		seed:     maphash.MakeSeed(),
@@ -218,7 +264,11 @@ func New(opts ...Option) *Store {
 	for _, o := range opts {
 		o.apply(s)
 	}
-	s.epoch = s.now()
+	if s.now == nil {
+		s.epoch = time.Now()
+	} else {
+		s.epoch = s.now()
+	}
 	for i := range s.shards {
 		sh := &s.shards[i]
 		sh.leases = make(map[key]map[string]int64)
@@ -252,9 +302,28 @@ func (s *Store) bucketHash(subjectHash uint64, name string) uint32 {
 	return uint32(hi)
 }
 
-// instant returns the present as nanoseconds since the Store's epoch.
+// instant returns the present as nanoseconds since the Store's epoch. With
+// the default clock it reads only the monotonic clock ([time.Since] does),
+// which costs half of what [time.Now] does.
 func (s *Store) instant() int64 {
+	if s.now == nil {
+		return int64(time.Since(s.epoch))
+	}
 	return int64(s.now().Sub(s.epoch))
+}
+
+// advance returns the instant at which the shard decides a call that read
+// now from the clock: now, unless the shard has already decided a call at a
+// later instant. Calls read the clock before they take the shard's lock, so
+// one may take it after a call that read the clock later; deciding it at
+// the later instant keeps every bucket's instants in order, so that none is
+// ever refilled twice for the same time. The caller holds sh.mu.
+func (sh *shard) advance(now int64) int64 {
+	if now < sh.last {
+		return sh.last
+	}
+	sh.last = now
+	return now
 }
 
 // notApplied is the error of a call whose context was done before it
@@ -268,7 +337,8 @@ func notApplied(err error) error {
 // [bucket.ErrNotApplied] and the context's error), and in both cases
 // changes nothing. It ignores req.ID and req.IDWindow: a Store never loses a
 // reply (see [bucket.InProcess]), so nothing it applied is ever resent, and
-// it applies every request it is sent.
+// it applies every request it is sent. The decision's Buckets are written
+// to req.Into when it has room for them (see [bucket.Request.Into]).
 //
 // Adding a bucket to a shard at its bound evicts the shard's bucket nearest
 // to full (see [WithMaxBuckets]); that may be one of req's own buckets.
@@ -280,60 +350,187 @@ func (s *Store) Take(ctx context.Context, req bucket.Request) (bucket.Decision, 
 		return bucket.Decision{}, err
 	}
 	n := len(req.Charges)
-	var levels [bucket.MaxCharges]float64
-	var slots [bucket.MaxCharges]int32
-	var hashes [bucket.MaxCharges]uint32
-	subjectHash := s.subjectHash(req.Subject)
-	for i, c := range req.Charges {
-		hashes[i] = s.bucketHash(subjectHash, c.Bucket)
+	if cap(req.Into) < n {
+		// Allocate the decision's buckets now rather than under the lock.
+		req.Into = make([]bucket.BucketState, n)
 	}
-	sh := s.shard(subjectHash)
-	sh.mu.Lock()
-	defer sh.mu.Unlock()
-	now := s.instant()
-	for i, c := range req.Charges {
-		slot := sh.find(hashes[i], key{req.Subject, c.Bucket})
-		slots[i], levels[i] = slot, c.Limit.Capacity
+	if n == 1 {
+		// The most common request: decide's steps, without the loops,
+		// the scratch space and a call.
+		c := &req.Charges[0]
+		subjectHash := s.subjectHash(req.Subject)
+		h, k := s.bucketHash(subjectHash, c.Bucket), key{req.Subject, c.Bucket}
+		sh := s.shard(subjectHash)
+		now := s.instant()
+		sh.mu.Lock()
+		now = sh.advance(now)
+		slot, level := sh.find(h, k), c.Limit.Capacity
 		if slot >= 0 {
 			e := &sh.entries[slot]
-			levels[i] = c.Limit.Refill(e.tokens, time.Duration(now-e.at))
+			level = c.Limit.Refill(e.tokens, time.Duration(now-e.at))
 		}
-	}
-	d := bucket.Decide(req, levels[:n])
-	if !d.Allowed {
+		remaining, ok := c.Apply(req.Mode, level)
+		if !ok {
+			sh.mu.Unlock()
+			return bucket.Decide(req, []float64{level}), nil
+		}
+		resetAfter := c.Limit.TimeToFull(remaining)
+		s.store(sh, k, h, slot, remaining, c.Limit.Capacity, now, resetAfter)
+		sh.mu.Unlock()
+		d := bucket.Decision{Allowed: true, Buckets: req.Into[:1]}
+		d.Buckets[0] = charged(c, remaining, resetAfter)
 		return d, nil
+	}
+	return s.decideMany(&req), nil
+}
+
+// decideMany is decide with scratch space on its stack, which a Take of
+// one charge spares (its stack frame stays small, which matters with many
+// goroutines).
+func (s *Store) decideMany(req *bucket.Request) bucket.Decision {
+	// Most requests charge a few buckets; sizing the scratch space for
+	// them spares clearing it for sixteen.
+	if n := len(req.Charges); n <= fewCharges {
+		var w [fewCharges]chargeWork
+		return s.decide(req, w[:n])
+	}
+	var w [bucket.MaxCharges]chargeWork
+	return s.decide(req, w[:len(req.Charges)])
+}
+
+// fewCharges is how many charges most requests have at most.
+const fewCharges = 4
+
+// chargeWork is the scratch space of one charge of a Take, on its stack.
+type chargeWork struct {
+	// hash is the bucket's hash, and slot its slot in the shard or -1.
+	hash uint32
+	slot int32
+	// level is the bucket's level before the charge.
+	level float64
+	// remaining and resetAfter are, if the charge is applied, the
+	// bucket's level after it and how long it then takes to refill.
+	remaining  float64
+	resetAfter time.Duration
+}
+
+// charged is the state [bucket.Decide] reports for a bucket of an allowed
+// request that charged it c, leaving it remaining tokens, full resetAfter
+// later. A Store builds allowed decisions from the arithmetic it did under
+// the lock rather than redo it with Decide (TestMatchesReference checks
+// that they agree).
+func charged(c *bucket.Charge, remaining float64, resetAfter time.Duration) bucket.BucketState {
+	return bucket.BucketState{
+		Bucket:     c.Bucket,
+		Limit:      c.Limit,
+		Cost:       c.Cost,
+		Allowed:    true,
+		Remaining:  remaining,
+		ResetAfter: resetAfter,
+	}
+}
+
+// decide decides req, valid and with room for its decision in req.Into,
+// and applies it if it is allowed. w has one element per charge.
+func (s *Store) decide(req *bucket.Request, w []chargeWork) bucket.Decision {
+	subjectHash := s.subjectHash(req.Subject)
+	for i := range w {
+		w[i].hash = s.bucketHash(subjectHash, req.Charges[i].Bucket)
+	}
+	sh := s.shard(subjectHash)
+	// Only the lookup, the refill and the update happen under the lock;
+	// the clock is read before it, and the decision is built after it
+	// from what was read under it, so that a hot subject's lock is held
+	// as briefly as possible.
+	now := s.instant()
+	sh.mu.Lock()
+	allowed := s.take(sh, req, sh.advance(now), w)
+	sh.mu.Unlock()
+	if !allowed {
+		var levels [bucket.MaxCharges]float64
+		for i := range w {
+			levels[i] = w[i].level
+		}
+		return bucket.Decide(*req, levels[:len(w)])
+	}
+	d := bucket.Decision{Allowed: true, Buckets: req.Into[:len(w)]}
+	for i := range d.Buckets {
+		d.Buckets[i] = charged(&req.Charges[i], w[i].remaining, w[i].resetAfter)
+	}
+	return d
+}
+
+// take refills req's buckets to now into w and decides req from them, as
+// [bucket.Decide] does. If every bucket can pay, it applies req, fills in
+// each charge's remaining and resetAfter, and returns true. The caller
+// holds sh.mu.
+func (s *Store) take(sh *shard, req *bucket.Request, now int64, w []chargeWork) bool {
+	allowed := true
+	for i := range w {
+		c, cw := &req.Charges[i], &w[i]
+		cw.slot, cw.level = sh.find(cw.hash, key{req.Subject, c.Bucket}), c.Limit.Capacity
+		if cw.slot >= 0 {
+			e := &sh.entries[cw.slot]
+			cw.level = c.Limit.Refill(e.tokens, time.Duration(now-e.at))
+		}
+		ok := false
+		cw.remaining, ok = c.Apply(req.Mode, cw.level)
+		allowed = allowed && ok
+	}
+	if !allowed {
+		return false
 	}
 	// Removing a bucket moves another into its slot, so once one is
 	// removed the slots looked up above may be stale.
 	stale := false
-	for i, c := range req.Charges {
-		k, b := key{req.Subject, c.Bucket}, d.Buckets[i]
-		slot := slots[i]
+	for i := range w {
+		c, cw := &req.Charges[i], &w[i]
+		k, slot := key{req.Subject, c.Bucket}, cw.slot
 		if stale && slot >= 0 {
 			// -1 if it was evicted for an earlier charge of req.
-			slot = sh.find(hashes[i], k)
+			slot = sh.find(cw.hash, k)
 		}
-		full := b.Remaining >= c.Limit.Capacity
-		fullAt := addSaturating(now, b.ResetAfter)
-		switch {
-		case slot >= 0 && full:
-			sh.remove(slot)
+		cw.resetAfter = c.Limit.TimeToFull(cw.remaining)
+		if s.store(sh, k, cw.hash, slot, cw.remaining, c.Limit.Capacity, now, cw.resetAfter) {
 			stale = true
-		case slot >= 0:
-			e := &sh.entries[slot]
-			e.tokens, e.at, e.fullAt = b.Remaining, now, fullAt
-			sh.fix(int(e.pos))
-		case full:
-			// A full bucket is not stored.
-		default:
-			if len(sh.entries) >= s.perShard {
-				sh.evict(now)
-				stale = true
-			}
-			sh.insert(entry{key: k, tokens: b.Remaining, at: now, fullAt: fullAt, hash: hashes[i]}, s.perShard)
 		}
 	}
-	return d, nil
+	return true
+}
+
+// store records that the bucket k, whose hash is h and which is in slot (-1
+// if it is not stored), holds tokens at now, and will be full resetAfter
+// later. A full bucket is deleted, and a new one added, evicting another
+// if the shard is at its bound. It reports whether it removed a bucket,
+// which moves another into the removed one's slot. The caller holds sh.mu.
+func (s *Store) store(sh *shard, k key, h uint32, slot int32, tokens, capacity float64, now int64, resetAfter time.Duration) (removed bool) {
+	full := tokens >= capacity
+	fullAt := addSaturating(now, resetAfter)
+	switch {
+	case slot >= 0 && full:
+		sh.remove(slot)
+		return true
+	case slot >= 0:
+		e := &sh.entries[slot]
+		// A charge moves fullAt later, leaving the heap key a lower
+		// bound; only a refund can move it below the key.
+		if fullAt < e.fullAt {
+			if pos := int(e.pos); fullAt < sh.keys[pos] {
+				sh.keys[pos] = fullAt
+				sh.up(pos)
+			}
+		}
+		e.tokens, e.at, e.fullAt = tokens, now, fullAt
+	case full:
+		// A full bucket is not stored.
+	default:
+		if len(sh.entries) >= s.perShard {
+			sh.evict(now)
+			removed = true
+		}
+		sh.insert(entry{key: k, tokens: tokens, at: now, fullAt: fullAt, hash: h}, s.perShard)
+	}
+	return removed
 }
 
 // addSaturating returns at+d for d >= 0, capped at the largest instant.
@@ -351,6 +548,7 @@ func (sh *shard) insert(e entry, bound int) {
 	e.pos = int32(len(sh.heap))
 	sh.entries = appendBounded(sh.entries, e, bound)
 	sh.heap = appendBounded(sh.heap, slot, bound)
+	sh.keys = appendBounded(sh.keys, e.fullAt, bound)
 	sh.indexAdd(e.hash, slot)
 	sh.up(int(e.pos))
 	sh.peak = max(sh.peak, len(sh.entries))
@@ -372,7 +570,7 @@ func appendBounded[T any](s []T, v T, bound int) []T {
 // counts an eviction unless that bucket is full by now anyway. The caller
 // holds sh.mu.
 func (sh *shard) evict(now int64) {
-	slot := sh.heap[0]
+	slot := sh.root()
 	if sh.entries[slot].fullAt > now {
 		sh.evictions++
 	}
@@ -387,7 +585,7 @@ func (sh *shard) remove(slot int32) {
 	if pos != last {
 		sh.swap(pos, last)
 	}
-	sh.heap = sh.heap[:last]
+	sh.heap, sh.keys = sh.heap[:last], sh.keys[:last]
 	if pos != last {
 		sh.fix(pos)
 	}
@@ -417,7 +615,7 @@ func (sh *shard) find(h uint32, k key) int32 {
 		switch {
 		case is.slot == 0:
 			return -1
-		case is.hash == h && sh.entries[is.slot-1].key == k:
+		case is.hash == h && sh.entries[is.slot-1].key.equal(k):
 			return is.slot - 1
 		}
 	}
@@ -480,21 +678,37 @@ func (sh *shard) rebuildIndex(size int) {
 	}
 }
 
-// fullAt returns the fullAt of the bucket at heap position i.
-func (sh *shard) fullAt(i int) int64 { return sh.entries[sh.heap[i]].fullAt }
+// root returns the slot of the bucket that will be full soonest. It first
+// raises the root's key to its bucket's fullAt and sifts it down, until the
+// root's key is exact: the keys of the others are lower bounds of their
+// fullAt, so none will be full sooner. Each key it raises stays exact until
+// its bucket is charged again, so the work is O(log n) per charge at most.
+// The caller holds sh.mu, and the shard holds a bucket.
+func (sh *shard) root() int32 {
+	for {
+		slot := sh.heap[0]
+		fullAt := sh.entries[slot].fullAt
+		if sh.keys[0] == fullAt {
+			return slot
+		}
+		sh.keys[0] = fullAt
+		sh.down(0)
+	}
+}
 
 func (sh *shard) swap(i, j int) {
 	sh.heap[i], sh.heap[j] = sh.heap[j], sh.heap[i]
+	sh.keys[i], sh.keys[j] = sh.keys[j], sh.keys[i]
 	sh.entries[sh.heap[i]].pos = int32(i)
 	sh.entries[sh.heap[j]].pos = int32(j)
 }
 
-// up moves the bucket at heap position i towards the root while it will be
-// full sooner than its parent.
+// up moves the bucket at heap position i towards the root while its key is
+// lower than its parent's.
 func (sh *shard) up(i int) {
 	for i > 0 {
 		parent := (i - 1) / 2
-		if sh.fullAt(parent) <= sh.fullAt(i) {
+		if sh.keys[parent] <= sh.keys[i] {
 			return
 		}
 		sh.swap(i, parent)
@@ -502,8 +716,8 @@ func (sh *shard) up(i int) {
 	}
 }
 
-// down moves the bucket at heap position i towards the leaves while a child
-// will be full sooner, and reports whether it moved.
+// down moves the bucket at heap position i towards the leaves while a
+// child's key is lower, and reports whether it moved.
 func (sh *shard) down(i int) bool {
 	start, n := i, len(sh.heap)
 	for {
@@ -511,10 +725,10 @@ func (sh *shard) down(i int) bool {
 		if child >= n {
 			break
 		}
-		if right := child + 1; right < n && sh.fullAt(right) < sh.fullAt(child) {
+		if right := child + 1; right < n && sh.keys[right] < sh.keys[child] {
 			child = right
 		}
-		if sh.fullAt(i) <= sh.fullAt(child) {
+		if sh.keys[i] <= sh.keys[child] {
 			break
 		}
 		sh.swap(i, child)
@@ -523,8 +737,7 @@ func (sh *shard) down(i int) bool {
 	return i > start
 }
 
-// fix restores the heap order after the fullAt of the bucket at heap
-// position i changed.
+// fix restores the heap order after the key at heap position i changed.
 func (sh *shard) fix(i int) {
 	if !sh.down(i) {
 		sh.up(i)
@@ -534,8 +747,10 @@ func (sh *shard) fix(i int) {
 // dropFull deletes the buckets that are full by now, nearest to full
 // first. The caller holds sh.mu.
 func (sh *shard) dropFull(now int64) {
-	for len(sh.heap) > 0 && sh.fullAt(0) <= now {
-		sh.remove(sh.heap[0])
+	for len(sh.heap) > 0 && sh.keys[0] <= now {
+		if slot := sh.root(); sh.entries[slot].fullAt <= now {
+			sh.remove(slot)
+		}
 	}
 }
 
@@ -550,6 +765,7 @@ func (sh *shard) compact() {
 	}
 	sh.entries = append(make([]entry, 0, n+n/4), sh.entries...)
 	sh.heap = append(make([]int32, 0, n+n/4), sh.heap...)
+	sh.keys = append(make([]int64, 0, n+n/4), sh.keys...)
 	size := 8
 	for 4*(n+1) > 3*size {
 		size *= 2
@@ -571,9 +787,10 @@ func (s *Store) Acquire(ctx context.Context, req bucket.LeaseRequest) (bucket.Le
 		return bucket.LeaseDecision{}, err
 	}
 	sh := s.shard(s.subjectHash(req.Subject))
+	now := s.instant()
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
-	now := s.instant()
+	now = sh.advance(now)
 	k := key{req.Subject, req.Name}
 	set := sh.leases[k]
 	dropExpired(set, now)
@@ -666,7 +883,7 @@ func (s *Store) Sweep() {
 	for i := range s.shards {
 		sh := &s.shards[i]
 		sh.mu.Lock()
-		now := s.instant()
+		now := sh.advance(s.instant())
 		sh.dropFull(now)
 		sh.compact()
 		for k, set := range sh.leases {

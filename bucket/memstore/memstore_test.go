@@ -387,3 +387,105 @@ func TestSweepDropsFullBuckets(t *testing.T) {
 		t.Fatalf("Evictions = %d, want 0: the sweep does not evict", got)
 	}
 }
+
+func TestClockSteppingBack(t *testing.T) {
+	t.Parallel()
+	s, clock := newStore(t)
+	charge(t, s, "alice", "b", 10, bucket.ModeTake)
+	for i, st := range []struct {
+		advance   time.Duration
+		wantLevel float64
+	}{
+		{advance: 5 * time.Second, wantLevel: 5},
+		// A clock that steps back refills nothing, and takes nothing
+		// back: the bucket is decided at the latest instant it has seen.
+		{advance: -3 * time.Second, wantLevel: 5},
+		{advance: 2 * time.Second, wantLevel: 5},
+		// Once the clock has passed it, the bucket refills from that
+		// instant, not from the earlier ones the clock showed meanwhile.
+		{advance: 2 * time.Second, wantLevel: 6},
+	} {
+		clock.Advance(st.advance)
+		if got := level(t, s, "alice", "b"); got != st.wantLevel {
+			t.Fatalf("step %d: level = %v, want %v", i, got, st.wantLevel)
+		}
+	}
+}
+
+func TestTakeInto(t *testing.T) {
+	t.Parallel()
+	s, _ := newStore(t)
+	charges := []bucket.Charge{{Bucket: "a", Limit: tenPerTen, Cost: 1}, {Bucket: "b", Limit: tenPerTen, Cost: 2}}
+	for _, tc := range []struct {
+		name      string
+		into      []bucket.BucketState
+		wantShare bool
+	}{
+		{name: "nil allocates", into: nil},
+		{name: "too small allocates", into: make([]bucket.BucketState, 1)},
+		{name: "large enough is used", into: make([]bucket.BucketState, 0, 2), wantShare: true},
+		{name: "length is ignored", into: make([]bucket.BucketState, 3), wantShare: true},
+	} {
+		d, err := s.Take(t.Context(), bucket.Request{Subject: tc.name, Charges: charges, Into: tc.into})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(d.Buckets) != 2 || d.Buckets[0].Remaining != 9 || d.Buckets[1].Remaining != 8 {
+			t.Fatalf("%s: %+v, want buckets a and b at 9 and 8", tc.name, d)
+		}
+		if shared := cap(tc.into) > 0 && &d.Buckets[0] == &tc.into[:1][0]; shared != tc.wantShare {
+			t.Errorf("%s: decision shares Into's array: %v, want %v", tc.name, shared, tc.wantShare)
+		}
+	}
+	// A denied decision uses Into too.
+	into := make([]bucket.BucketState, 2)
+	d, err := s.Take(t.Context(), bucket.Request{Subject: "denied", Charges: []bucket.Charge{{Bucket: "a", Limit: tenPerTen, Cost: 11}}, Into: into})
+	if err != nil || d.Allowed || &d.Buckets[0] != &into[0] {
+		t.Fatalf("denied take: %+v, %v; want a denial in Into's array", d, err)
+	}
+}
+
+func TestTakeAllocations(t *testing.T) {
+	s, clock := newStore(t, memstore.WithMaxBuckets(1<<16))
+	ctx := t.Context()
+	one := []bucket.Charge{{Bucket: "b", Limit: tenPerTen, Cost: 1}}
+	three := []bucket.Charge{{Bucket: "a", Limit: tenPerTen, Cost: 1}, {Bucket: "b", Limit: tenPerTen, Cost: 1}, {Bucket: "c", Limit: tenPerTen, Cost: 1}}
+	into := make([]bucket.BucketState, 3)
+	subjects := make([]string, 2000)
+	for i := range subjects {
+		subjects[i] = fmt.Sprint("user:", i)
+	}
+	for _, tc := range []struct {
+		name    string
+		charges []bucket.Charge
+		into    []bucket.BucketState
+		// fresh makes every take charge a new subject.
+		fresh bool
+		want  float64
+	}{
+		{name: "existing bucket", charges: one, into: into},
+		{name: "existing buckets", charges: three, into: into},
+		{name: "without Into", charges: one, want: 1},
+		// The Store's arrays grow by a quarter when full, so adding a
+		// bucket allocates only now and then.
+		{name: "new bucket", charges: one, into: into, fresh: true},
+	} {
+		i := 0
+		got := testing.AllocsPerRun(1000, func() {
+			subject := subjects[0]
+			if tc.fresh {
+				subject, i = subjects[i%len(subjects)], i+1
+			}
+			clock.Advance(time.Second)
+			if _, err := s.Take(ctx, bucket.Request{Subject: subject, Charges: tc.charges, Into: tc.into}); err != nil {
+				t.Fatal(err)
+			}
+		})
+		if tc.fresh && got < 0.1 {
+			got = 0
+		}
+		if got != tc.want {
+			t.Errorf("%s: %v allocations a take, want %v", tc.name, got, tc.want)
+		}
+	}
+}
