@@ -105,11 +105,11 @@ func TestSettleQueueBounds(t *testing.T) {
 	eventually(t, "every call reserved and reached its gate", func() bool {
 		return f.arrivals("first").Load() == 3 && f.arrivals("then").Load() == 2
 	})
-	// u1's settlement will keep failing: its bucket key no longer holds a
-	// bucket.
+	// u1's settlement will keep failing: its bucket's field no longer
+	// holds a bucket (cl:{g/65128} is user:u1's group hash, with the default
+	// prefix and number of groups).
 	rc := f.redis.NewClient(t)
-	must(t, rc.Del(t.Context(), "cl:{user:u1}:tokens").Err())
-	must(t, rc.RPush(t.Context(), "cl:{user:u1}:tokens", "not a bucket").Err())
+	must(t, rc.HSet(t.Context(), "cl:{g/65128}", "user:u1/tokens", "not a bucket").Err())
 	f.refuseConnections(t)
 	close(f.namedGate("first"))
 	eventually(t, "u0 and u1 settle into the queue", func() bool {

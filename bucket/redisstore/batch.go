@@ -40,8 +40,8 @@ const (
 // op is one Take, Acquire or Release: what batch.lua needs to run it, and
 // the channel its caller waits on.
 type op struct {
-	// tag is the escaped subject, the hash tag of every key of the
-	// operation. keys and arg are its part of batch.lua's KEYS and ARGV.
+	// tag is the hash tag of every key of the operation: its group's
+	// ("g/<n>") for a bucket request, the escaped subject for a lease. keys and arg are its part of batch.lua's KEYS and ARGV.
 	// All three are set before the operation is queued and never change.
 	tag  string
 	keys []string
@@ -253,9 +253,9 @@ const (
 	// routeSlot sends one script call per Cluster hash slot, so that each
 	// call's keys are in one slot, all in one pipeline.
 	routeSlot
-	// routeTag sends one script call per hash tag (subject), all in one
-	// pipeline: a *redis.Ring places keys by their hash tag, not by slot,
-	// so two subjects of one slot may live on different shards, and an
+	// routeTag sends one script call per hash tag (group or subject), all
+	// in one pipeline: a *redis.Ring places keys by their hash tag, not by
+	// slot, so two tags of one slot may live on different shards, and an
 	// unknown client may do either.
 	routeTag
 )

@@ -7,8 +7,9 @@
 --
 -- KEYS           every operation's keys, operation after operation, in the
 --                order of ARGV. All keys of one operation share one {hash
---                tag} (its subject); on Redis Cluster every key of a batch is
---                in one hash slot, since the store splits batches by slot.
+--                tag} (its subject's group for a bucket request, its subject
+--                for a lease); on Redis Cluster every key of a batch is in
+--                one hash slot, since the store splits batches by slot.
 -- ARGV[1]        the present in integer microseconds since the Unix epoch, or
 --                "" to read the server's clock with TIME (once, for the whole
 --                batch). Production always sends ""; only tests send an
@@ -24,12 +25,12 @@
 --   "take <window> <name_1> <capacity_1> <rate_1> <cost_1> ... <name_n> <capacity_n> <rate_n> <cost_n>"
 --   "adjust <window> ..." (the same fields)
 --                a bucket request of n >= 1 buckets in bucket.ModeTake or
---                bucket.ModeAdjust. Its keys are the subject's bucket hash
+--                bucket.ModeAdjust. Its keys are the subject's group hash
 --                and, when <window> is not "-", the request ID's marker key;
 --                <window> is then the ID window in integer microseconds, > 0.
---                <name_j> is bucket j's escaped name (no spaces), its field
---                in the hash; the names of one request differ. Rates are in
---                tokens per second.
+--                <name_j> is bucket j's field in the group hash (its subject
+--                and name, escaped and joined, without spaces); the names of
+--                one request differ. Rates are in tokens per second.
 --   "acquire <limit> <ttl> <member>"
 --                acquire or renew lease <member> (an escaped lease ID, which
 --                has no spaces) if fewer than <limit> (>= 1) leases are live,
@@ -37,12 +38,14 @@
 --   "release <member>"
 --                release lease <member>. Its key is the lease set.
 --
--- A subject's buckets live in one hash, with one field per bucket that is
--- not full, named after the bucket. A small hash is a listpack, so that a
--- bucket costs Redis its name and one integer, not a key of its own. The
--- field holds the bucket's empty instant E: the instant, in integer
--- microseconds since the Unix epoch, at which the bucket held (or, in
--- debt, will hold) zero tokens, refilling at its rate. Its level at the
+-- Buckets live in group hashes, each shared by the subjects whose names
+-- hash to it (the store picks the group), with one field per bucket that is
+-- not full, named after its subject and bucket. A hash of at most 128
+-- fields of at most 64 bytes is a listpack, so that a bucket costs Redis its
+-- field and one integer, not a key of its own. The field holds the
+-- bucket's empty instant E and its fill class k. E is the instant, in
+-- integer microseconds since the Unix epoch, at which the bucket held (or,
+-- in debt, will hold) zero tokens, refilling at its rate. Its level at the
 -- present is then
 --
 --     level = min(capacity, (now - E) / 1e6 * rate)
@@ -57,34 +60,56 @@
 -- (the nudge, a few ulps, keeps a quotient that should be a whole number
 -- but came out a hair below it whole), so that the stored level is below L
 -- by less than 1 µs of refill (rate * 1e-6 tokens) and above it by no more
--- than float64 rounding (under 1e-15 of L); levels that are whole microseconds of refill, as
--- those of integer costs at integer rates are, are exact. A quotient beyond
--- the float64 range is clamped to the largest float64 (which only lowers
--- the level) or, in debt, makes E +inf (the level is then -inf). A zero
--- cost leaves E as it is. E is an integer, a 64-bit one in the listpack,
--- while |E| < 2^53, that is while the level (or the debt) is less than
--- about 230 years of refill; beyond that it is a float64 written with
--- %.17g, so that it still reads back exactly. Since E depends on the rate,
--- changing a bucket's rate scales the level of a bucket that is not full by
--- new rate / old rate; changing its capacity keeps the level (capped at the
--- new capacity).
+-- than float64 rounding (under 1e-15 of L); levels that are whole
+-- microseconds of refill, as those of integer costs at integer rates are,
+-- are exact. A quotient beyond the float64 range is clamped to the largest
+-- float64 (which only lowers the level) or, in debt, makes E +inf (the
+-- level is then -inf). A zero cost leaves the value as it is. Since E
+-- depends on the rate, changing a bucket's rate scales the level of a
+-- bucket that is not full by new rate / old rate; changing its capacity
+-- keeps the level (capped at the new capacity).
+--
+-- The fill class k is the least k >= 0 such that the bucket fills from
+-- empty (capacity / rate * 1e6 µs) in at most 2^k µs under the limits it
+-- was written with, or 99 (never) beyond 2^98 µs. A bucket whose E is 2^k
+-- µs or more in the past is full, so a write can tell the full buckets of
+-- other subjects from their values alone, without their limits; at most
+-- twice the time to fill passes before it can. While |E| < 2^53 (a level,
+-- or debt, of less than about 230 years of refill) the value is E's digits
+-- followed by two digits of k ("-200000023" is E = -2000000, k = 23): a
+-- 64-bit integer in the listpack while it fits one, which costs no more
+-- than E alone. Beyond that it is E written with %.16e (or "inf"), so that
+-- it reads back exactly, with no class: such a bucket is never swept.
 --
 -- A clock that steps back (a failover to a server whose clock is behind)
 -- shows levels lower than they were, never higher, until it catches up.
 --
--- A bucket that ends full is deleted from the hash, and Redis deletes a
--- hash once it is empty. On the server's clock the hash's TTL is at least
--- the time until its last bucket is full (each write raises it, never
--- lowers it, to the time until the written buckets are full, rounded up to
--- the millisecond and then some), so that idle subjects cost no memory and
--- the hash never expires before every bucket in it is full anyway, under
--- the limits it was written with (a later request with a lower rate or a
--- higher capacity finds a bucket that fills later than the hash expires,
--- until its next write). On a test clock the hash gets no TTL.
+-- A bucket that ends a request full is deleted from the hash, and Redis
+-- deletes a hash once it is empty. Buckets of other subjects refill to full
+-- without a request, and stay in the hash (stale) until the group expires
+-- or a write deletes them: each request that adds buckets to a group also
+-- samples 4 of its fields per bucket added, at random (HRANDFIELD, on Redis
+-- 6.2 and later; on older servers nothing is sampled), and deletes those
+-- that are full by their class. A bucket can only become stale once per
+-- time it was added, and each addition removes 4 / fields stale buckets on
+-- average, so stale buckets stop growing once they are about a quarter of
+-- their group's fields, even if every request came from a new subject that
+-- never came back; a request that only updates buckets the group holds
+-- (the common case: a subject that keeps calling) samples nothing. On the server's clock the hash's
+-- TTL is at least the time until its last bucket is full (each write
+-- raises it, never lowers it, to the time until the written buckets are
+-- full, rounded up to the millisecond and then some), so that an idle
+-- group costs no memory and never expires before every bucket in it is
+-- full anyway, under the limits it was written with. A later request with
+-- a lower rate or a higher capacity finds a bucket that fills later than
+-- the hash expires or its class says, until its next write: such a bucket
+-- may be deleted before it is full, that is start full again. On a test
+-- clock the hash gets no TTL.
 --
 -- Earlier versions kept a string "<tokens> <at>" per bucket, at the key
--- "<prefix>:{<subject>}:<bucket>"; this script never reads or writes those
--- keys, which expire on their own.
+-- "<prefix>:{<subject>}:<bucket>", and then a hash per subject at
+-- "<prefix>:{<subject>}"; this script never reads or writes those keys,
+-- which expire on their own.
 --
 -- A marker key holds "<expires>", the instant in integer microseconds until
 -- which its ID counts as applied. The script compares it with the present
@@ -228,6 +253,77 @@ end
 -- largest is the largest finite float64.
 local largest = 1.7976931348623157e308
 
+-- never is the fill class of a bucket that no sweep deletes: one whose
+-- time to fill is beyond 2^98 microseconds (4e15 years).
+local never = 99
+
+-- fill_class returns the fill class of a bucket of capacity c refilling at
+-- r tokens per second: the least k >= 0 such that it fills from empty in
+-- at most 2^k microseconds, or never.
+local function fill_class(c, r)
+  local t = c / r * 1e6
+  if not (t <= 2 ^ 98) then
+    return never
+  end
+  local k = math.max(0, math.ceil(math.log(t) / math.log(2)))
+  if 2 ^ k < t then
+    k = k + 1
+  elseif k > 0 and 2 ^ (k - 1) >= t then
+    k = k - 1
+  end
+  return k
+end
+
+-- encode returns the value stored for a bucket whose empty instant is e
+-- and whose fill class is k: the digits of e followed by two digits of k
+-- while e is an integer of less than 2^53 in magnitude (Redis stores such
+-- a value as a 64-bit integer while it fits one, which takes no more room
+-- than e alone), and otherwise e in exponent form (or "inf"), which holds
+-- no class: such a bucket, in debt for centuries, is never swept.
+local function encode(e, k)
+  if e > -2 ^ 53 and e < 2 ^ 53 then
+    return string.format('%.17g%02d', e, k)
+  end
+  return string.format('%.16e', e)
+end
+
+-- decode returns the empty instant (nil if it is not a number) and the
+-- fill class (nil if there is none) of a stored value.
+local function decode(v)
+  if string.find(v, '^%-?%d%d%d+$') then
+    return tonumber(string.sub(v, 1, -3)), tonumber(string.sub(v, -2))
+  end
+  return tonumber(v), nil
+end
+
+-- samples is how many fields of a group a write samples for full buckets
+-- to delete, per bucket it adds to the group.
+local samples = 4
+
+-- sweep deletes the full buckets among count fields of the group hash at
+-- key, sampled at random: a bucket whose empty instant E is at least
+-- 2^k microseconds in the past, k being its fill class, is full under the
+-- limits it was written with. A value without a class, or that is not a
+-- number, is left alone. HRANDFIELD needs Redis 6.2: on an older server
+-- nothing is sampled, and full buckets other than the request's own stay
+-- until the group expires.
+local function sweep(key, count)
+  local sample = redis.pcall('HRANDFIELD', key, count, 'WITHVALUES')
+  if type(sample) ~= 'table' or sample.err then
+    return
+  end
+  local gone = {}
+  for i = 1, #sample - 1, 2 do
+    local e, k = decode(sample[i + 1])
+    if e and k and k < never and now - e >= 2 ^ k then
+      gone[#gone + 1] = sample[i]
+    end
+  end
+  if #gone > 0 then
+    redis.call('HDEL', key, unpack(gone))
+  end
+end
+
 local function bucket_request(op)
   local n, key = op.n, KEYS[op.key]
   -- One read for all of the request's buckets; a key of another type
@@ -244,7 +340,7 @@ local function bucket_request(op)
     if stored[j] then
       -- E is finite, or +inf for a debt beyond the float64 range; -inf
       -- would be a full bucket, which is never stored.
-      local e = tonumber(stored[j])
+      local e = decode(stored[j])
       if not e or e ~= e or e == -math.huge then
         return fail('malformed bucket value at key ' .. key .. ', field ' .. op.name[j])
       end
@@ -294,8 +390,9 @@ local function bucket_request(op)
 
   local set, full = {}, {}
   -- ttl is the longest time until full of the written buckets, in
-  -- milliseconds.
+  -- milliseconds; added counts the buckets the group did not hold.
   local ttl = 0
+  local added = 0
   for j = 1, n do
     local c, r = op.capacity[j], op.rate[j]
     local after = level[j] - op.cost[j]
@@ -322,7 +419,10 @@ local function bucket_request(op)
       -- +inf would make E -inf, a full bucket; -inf makes E +inf.
       q = math.min(q, largest)
       set[#set + 1] = op.name[j]
-      set[#set + 1] = string.format('%.17g', now - q)
+      set[#set + 1] = encode(now - q, fill_class(c, r))
+      if not stored[j] then
+        added = added + 1
+      end
       -- The stored bucket is full (c / r * 1e6 - q) µs from now, less than
       -- 1 µs after the exact level would be: a millisecond more than that
       -- also covers the float64 rounding of this sum.
@@ -346,6 +446,10 @@ local function bucket_request(op)
         redis.call('PEXPIRE', key, string.format('%.0f', ttl))
       end
     end
+  end
+  if added > 0 then
+    -- A write that adds buckets to the group also sweeps a few others.
+    sweep(key, samples * added)
   end
   if marker then
     local expires = string.format('%.0f', now + op.window)

@@ -101,7 +101,7 @@ func TestBatchScriptReplies(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := []string{
+	wantReplies := []string{
 		"[1 5]",
 		"[0 3]",
 		"[1 3]",
@@ -117,16 +117,19 @@ func TestBatchScriptReplies(t *testing.T) {
 	for i, r := range reply {
 		got[i] = fmt.Sprint(r)
 	}
-	if !slices.Equal(got, want) {
-		t.Fatalf("replies:\n%q\nwant\n%q", got, want)
+	if !slices.Equal(got, wantReplies) {
+		t.Fatalf("replies:\n%q\nwant\n%q", got, wantReplies)
 	}
 	if _, ok := reply[6].(redis.Error); !ok {
 		t.Fatalf("reply 6 is a %T, want a redis.Error", reply[6])
 	}
 	// The stored state: b and c hold their empty instants, the present
 	// (1 s) less their levels (3 and 2.5 tokens, at 1 token per second), in
-	// microseconds; d is full, so not stored; bad is as it was.
-	if got, err := client.HGetAll(t.Context(), "r:{a}").Result(); err != nil || !maps.Equal(got, map[string]string{"b": "-2000000", "c": "-1500000", "bad": "x"}) {
+	// microseconds, followed by their fill classes, two digits: b fills in
+	// 5 s, at most 2^23 µs, c in 3 s, at most 2^22 µs; d is full, so not
+	// stored; bad is as it was.
+	want := map[string]string{"b": "-200000023", "c": "-150000022", "bad": "x"}
+	if got, err := client.HGetAll(t.Context(), "r:{a}").Result(); err != nil || !maps.Equal(got, want) {
 		t.Fatalf("HGETALL r:{a} = %v, %v", got, err)
 	}
 }

@@ -391,7 +391,7 @@ func TestMixedBatch(t *testing.T) {
 		t.Errorf("unexpected outcomes: %+v", got)
 	}
 	st, ss := snapshot(t, client, "batched"), snapshot(t, client, "sequential")
-	delete(st, ":{plug}")
+	delete(st, strings.TrimPrefix(redisstore.GroupKey("batched", "plug"), "batched"))
 	if !reflect.DeepEqual(st, ss) {
 		t.Errorf("keys after the batch:\n%v\nafter sequential calls:\n%v", st, ss)
 	}
@@ -406,10 +406,11 @@ func TestPerOperationFailure(t *testing.T) {
 	client := srv.NewClient(t)
 	s := redisstore.New(client, redisstore.WithKeyPrefix("po"), redisstore.WithTimeout(hungTimeout))
 	ctx := t.Context()
+	alice := redisstore.GroupKey("po", "alice")
 	for _, err := range []error{
-		client.HSet(ctx, "po:{alice}", "garbage", "x y z", "nan", "nan").Err(),
-		client.RPush(ctx, "po:{carol}", "x").Err(),
-		client.Set(ctx, "po:{alice}~id:bad-marker", "soon", 0).Err(),
+		client.HSet(ctx, alice, redisstore.Field("alice", "garbage"), "x y z", redisstore.Field("alice", "nan"), "nan").Err(),
+		client.RPush(ctx, redisstore.GroupKey("po", "carol"), "x").Err(),
+		client.Set(ctx, redisstore.MarkerKey("po", "alice", "bad-marker"), "soon", 0).Err(),
 		client.Set(ctx, "po:{alice}~lease:string", "x", 0).Err(),
 	} {
 		if err != nil {
@@ -421,13 +422,13 @@ func TestPerOperationFailure(t *testing.T) {
 	rows := []struct {
 		step    step
 		wantErr string
-		// untouched is a field of alice's bucket hash that the failed
+		// untouched is a bucket of alice's group hash that the failed
 		// step would have written.
 		untouched string
 	}{
 		{step: step{take: bucket.Request{Subject: "dave", Charges: []bucket.Charge{good("first")}}}},
-		{step: step{take: bucket.Request{Subject: "alice", Charges: []bucket.Charge{good("g1"), good("garbage")}}}, wantErr: "malformed bucket value at key po:{alice}, field garbage", untouched: "g1"},
-		{step: step{take: bucket.Request{Subject: "alice", Charges: []bucket.Charge{good("g2"), good("nan")}}}, wantErr: "malformed bucket value at key po:{alice}, field nan", untouched: "g2"},
+		{step: step{take: bucket.Request{Subject: "alice", Charges: []bucket.Charge{good("g1"), good("garbage")}}}, wantErr: "malformed bucket value at key " + alice + ", field " + redisstore.Field("alice", "garbage"), untouched: "g1"},
+		{step: step{take: bucket.Request{Subject: "alice", Charges: []bucket.Charge{good("g2"), good("nan")}}}, wantErr: "malformed bucket value at key " + alice + ", field " + redisstore.Field("alice", "nan"), untouched: "g2"},
 		{step: step{take: bucket.Request{Subject: "carol", Mode: bucket.ModeAdjust, Charges: []bucket.Charge{good("g3")}}}, wantErr: "WRONGTYPE"},
 		{step: step{take: bucket.Request{Subject: "alice", ID: "bad-marker", Charges: []bucket.Charge{good("g4")}}}, wantErr: "malformed id marker value", untouched: "g4"},
 		{step: step{take: bucket.Request{Subject: "dave", Charges: []bucket.Charge{good("first")}}}},
@@ -458,7 +459,7 @@ func TestPerOperationFailure(t *testing.T) {
 			t.Errorf("step %d (%v): %v; want a Redis error wrapping bucket.ErrNotApplied and bucket.ErrRejected, mentioning %q", i, row.step, err, row.wantErr)
 		}
 		if row.untouched != "" {
-			if ok, err := client.HExists(t.Context(), "po:{alice}", row.untouched).Result(); err != nil || ok {
+			if ok, err := client.HExists(t.Context(), alice, redisstore.Field("alice", row.untouched)).Result(); err != nil || ok {
 				t.Errorf("step %d (%v) failed but wrote bucket %s", i, row.step, row.untouched)
 			}
 		}
@@ -810,8 +811,8 @@ func TestMaxBatchOption(t *testing.T) {
 }
 
 // TestRing runs the contract on a Ring of two servers, which places keys
-// by their hash tag: every key of a subject is where the Ring looks for
-// it, however the subjects were batched.
+// by their hash tag: every group hash and marker key is where the Ring
+// looks for it, however the subjects were batched.
 func TestRing(t *testing.T) {
 	t.Parallel()
 	a, b := redistest.Start(t), redistest.Start(t)
@@ -838,8 +839,14 @@ func TestRing(t *testing.T) {
 		wg.Wait()
 		var onA, onB int
 		shardA := a.NewClient(t)
+		for i := range 10 * subjects {
+			k := redisstore.MarkerKey("placed", fmt.Sprint("user:", i%subjects), fmt.Sprint("call-", i))
+			if n, err := ring.Exists(t.Context(), k).Result(); err != nil || n != 1 {
+				t.Errorf("the Ring does not find %s: %d, %v", k, n, err)
+			}
+		}
 		for i := range subjects {
-			k := fmt.Sprintf("placed:{user:%d}", i)
+			k := redisstore.GroupKey("placed", fmt.Sprint("user:", i))
 			if n, err := ring.Exists(t.Context(), k).Result(); err != nil || n != 1 {
 				t.Errorf("the Ring does not find %s: %d, %v", k, n, err)
 			}

@@ -17,3 +17,29 @@ func Queued(s *Store) (queued, inFlight int) {
 
 // KeySlot exposes keySlot to the black-box tests.
 func KeySlot(key string) uint16 { return keySlot(key) }
+
+// GroupKey returns the key of the group hash that holds subject's buckets
+// under prefix, with the default number of groups.
+func GroupKey(prefix, subject string) string {
+	return groupKey(escape(prefix), groupOf(escape(subject), DefaultGroups))
+}
+
+// Field returns the field of subject's bucket name in its group hash.
+func Field(subject, name string) string { return field(escape(subject), escape(name)) }
+
+// MarkerKey returns the marker key of subject's request ID id under
+// prefix, with the default number of groups.
+func MarkerKey(prefix, subject, id string) string {
+	s := escape(subject)
+	return idKey(escape(prefix), groupOf(s, DefaultGroups), s, escape(id))
+}
+
+// groupKey, idKey and field return what appendGroupKey, appendIDKey and
+// appendField append.
+func groupKey(prefix string, g uint64) string { return string(appendGroupKey(nil, prefix, g)) }
+
+func idKey(prefix string, g uint64, subject, id string) string {
+	return string(appendIDKey(nil, prefix, g, subject, id))
+}
+
+func field(subject, name string) string { return string(appendField(nil, subject, name)) }

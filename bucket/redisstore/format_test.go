@@ -114,14 +114,14 @@ func TestStoredLevelsRoundDown(t *testing.T) {
 	})
 }
 
-// TestHashTTLIsTheLatest checks the TTL of a subject's bucket hash on the
+// TestHashTTLIsTheLatest checks the TTL of a subject's group hash on the
 // server's clock: the time until its last bucket is full, which a charge
 // of a bucket that fills sooner never lowers.
 func TestHashTTLIsTheLatest(t *testing.T) {
 	t.Parallel()
 	client := redistest.Start(t).NewClient(t)
 	s := newStore(client, redisstore.WithKeyPrefix("ttl"))
-	const key = "ttl:{user:alice}"
+	key := redisstore.GroupKey("ttl", "user:alice")
 	lim := bucket.Limit{Capacity: 10, RefillPerSecond: 1}
 	pttl := func() time.Duration {
 		t.Helper()

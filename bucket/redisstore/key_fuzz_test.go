@@ -1,6 +1,7 @@
 package redisstore
 
 import (
+	"strconv"
 	"strings"
 	"testing"
 )
@@ -10,20 +11,26 @@ import (
 const maxEscapedBytes = max(maxVerbatim, 1+24)
 
 // maxKeyBytes is the longest key: three escaped names (prefix, subject and
-// bucket, request ID or lease name) and the longest separators.
-const maxKeyBytes = 3*maxEscapedBytes + len(":{") + len(leaseSep)
+// request ID or lease name), the longest separators and a group tag.
+const maxKeyBytes = 3*maxEscapedBytes + len(":{") + len(leaseSep) + len(groupTagStart) + 20
 
-// FuzzKey checks the keys of bucket hashes, request ID markers and lease
-// sets built from arbitrary names, escaped as the Store escapes them: every
-// key is bounded, holds exactly one "{" and one "}" with the escaped
-// subject between them (a valid, non-empty Redis Cluster hash tag, so that
-// all keys of one subject share a slot), and keys of different kinds,
+// fuzzGroups is the number of groups FuzzKey spreads subjects over: few, so
+// that two subjects often share a group and only their fields tell their
+// buckets apart.
+const fuzzGroups = 3
+
+// FuzzKey checks where buckets, request ID markers and lease sets built from
+// arbitrary names are stored, escaped as the Store escapes them: every key
+// is bounded and holds exactly one "{" and one "}" around a valid, non-empty
+// Redis Cluster hash tag (the group's, "g/<n>", for a bucket and a marker,
+// so that all keys of one bucket request share a slot; the escaped subject
+// for a lease set); every field is at most 64 bytes, without spaces (which
+// batch.lua splits its arguments on); and places of different kinds,
 // subjects or names never coincide, even when the names are spelled like
-// other keys' parts; a subject's buckets share its one bucket hash, whose
-// field names (the escaped bucket names) have no spaces.
+// other keys' parts.
 //
 // The fuzzer gives a prefix and two subjects and two names, which the
-// target combines into 12 keys. The seeds in testdata/fuzz/FuzzKey are
+// target combines into 12 places. The seeds in testdata/fuzz/FuzzKey are
 // named after what they exercise.
 func FuzzKey(f *testing.F) {
 	f.Fuzz(func(t *testing.T, prefix, subject, name, otherSubject, otherName string) {
@@ -31,39 +38,53 @@ func FuzzKey(f *testing.F) {
 		checkEscaped(t, prefix, p)
 		kinds := []struct {
 			kind string
-			make func(prefix, subject, name string) string
+			// place returns the key, and for a bucket its field after a
+			// space (which neither a key nor a field holds).
+			place func(prefix, subject, name string) string
+			tag   func(subject string) string
 		}{
-			// A subject's buckets share one hash, whose fields are their
-			// escaped names (checked by checkEscaped: no spaces, which
-			// batch.lua splits its arguments on).
-			{"bucket", func(prefix, subject, _ string) string { return bucketsKey(prefix, subject) }},
-			{"id", idKey},
-			{"lease", leaseKey},
+			{"bucket", func(prefix, subject, name string) string {
+				f := field(subject, name)
+				if len(f) > maxField || strings.Contains(f, " ") {
+					t.Fatalf("field %q of subject %q and bucket %q: want at most %d bytes and no spaces", f, subject, name, maxField)
+				}
+				return groupKey(prefix, groupOf(subject, fuzzGroups)) + " " + f
+			}, fuzzGroupTag},
+			{"id", func(prefix, subject, name string) string {
+				return idKey(prefix, groupOf(subject, fuzzGroups), subject, name)
+			}, fuzzGroupTag},
+			{"lease", leaseKey, func(subject string) string { return subject }},
 		}
-		type built struct{ kind, subject, name, key string }
-		var keys []built
+		type built struct{ kind, subject, name, place string }
+		var places []built
 		for _, subj := range []string{subject, otherSubject} {
 			for _, n := range []string{name, otherName} {
 				es, en := escape(subj), escape(n)
 				checkEscaped(t, subj, es)
 				checkEscaped(t, n, en)
 				for _, k := range kinds {
-					got := k.make(p, es, en)
-					checkKey(t, got, subj, es)
-					keys = append(keys, built{k.kind, subj, n, got})
+					got := k.place(p, es, en)
+					key, _, _ := strings.Cut(got, " ")
+					checkKey(t, key, k.tag(es))
+					places = append(places, built{k.kind, subj, n, got})
 				}
 			}
 		}
-		for i, a := range keys {
-			for _, b := range keys[i+1:] {
-				same := a.kind == b.kind && a.subject == b.subject && (a.name == b.name || a.kind == "bucket")
-				if (a.key == b.key) != same {
-					t.Fatalf("%s key of subject %q named %q is %q, %s key of subject %q named %q is %q",
-						a.kind, a.subject, a.name, a.key, b.kind, b.subject, b.name, b.key)
+		for i, a := range places {
+			for _, b := range places[i+1:] {
+				same := a.kind == b.kind && a.subject == b.subject && a.name == b.name
+				if (a.place == b.place) != same {
+					t.Fatalf("%s of subject %q named %q is at %q, %s of subject %q named %q is at %q",
+						a.kind, a.subject, a.name, a.place, b.kind, b.subject, b.name, b.place)
 				}
 			}
 		}
 	})
+}
+
+// fuzzGroupTag is the hash tag of an escaped subject's group in FuzzKey.
+func fuzzGroupTag(subject string) string {
+	return groupTagStart + strconv.FormatUint(groupOf(subject, fuzzGroups), 10)
 }
 
 // checkEscaped checks escape(s): bounded, free of the characters that
@@ -73,7 +94,7 @@ func checkEscaped(t *testing.T, s, escaped string) {
 	if len(escaped) > maxEscapedBytes || (s != "" && escaped == "") {
 		t.Fatalf("escape(%q) = %q: %d bytes, want 1 to %d", s, escaped, len(escaped), maxEscapedBytes)
 	}
-	if strings.ContainsAny(escaped, "{}~ ") {
+	if strings.ContainsAny(escaped, "{}~ /") {
 		t.Fatalf("escape(%q) = %q holds a key delimiter", s, escaped)
 	}
 	if hashed := strings.HasPrefix(escaped, hashMarker); hashed == (escaped == s) {
@@ -84,9 +105,8 @@ func checkEscaped(t *testing.T, s, escaped string) {
 	}
 }
 
-// checkKey checks one key: bounded, with the escaped subject as its only
-// hash tag.
-func checkKey(t *testing.T, k, subject, escapedSubject string) {
+// checkKey checks one key: bounded, with tag as its only hash tag.
+func checkKey(t *testing.T, k, tag string) {
 	t.Helper()
 	if len(k) > maxKeyBytes {
 		t.Fatalf("key %q is %d bytes, want at most %d", k, len(k), maxKeyBytes)
@@ -95,7 +115,8 @@ func checkKey(t *testing.T, k, subject, escapedSubject string) {
 	if strings.Count(k, "{") != 1 || strings.Count(k, "}") != 1 || open > closing {
 		t.Fatalf("key %q must hold one \"{\" and then one \"}\"", k)
 	}
-	if tag := k[open+1 : closing]; tag != escapedSubject || (subject != "" && tag == "") {
-		t.Fatalf("key %q has the hash tag %q, want the escaped subject %q of %q", k, tag, escapedSubject, subject)
+	// An empty subject (which no request has) makes an empty tag.
+	if got := k[open+1 : closing]; got != tag {
+		t.Fatalf("key %q has the hash tag %q, want %q", k, got, tag)
 	}
 }

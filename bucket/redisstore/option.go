@@ -25,10 +25,21 @@ const maxBatchLimit = 4096
 // other travels) without spreading a burst over many small batches.
 const maxInFlight = 2
 
+// DefaultGroups is how many group hashes a [Store] spreads subjects over,
+// unless set with [WithGroups]: 65,536, enough for about four million
+// buckets that are not full (64 per group) before groups outgrow Redis's
+// compact encoding.
+const DefaultGroups = 1 << 16
+
+// maxGroups bounds [WithGroups]: 2^32 groups are far more than any Redis
+// holds buckets for.
+const maxGroups = 1 << 32
+
 type config struct {
 	prefix   string
 	timeout  time.Duration
 	maxBatch int
+	groups   uint64
 	now      func() time.Time
 }
 
@@ -45,22 +56,64 @@ func (f optionFunc) apply(c *config) { f(c) }
 // several applications (or tests) can share one Redis. The default is
 // [DefaultKeyPrefix], "cl".
 //
-// Keys are "<prefix>:{<subject>}" for the hash of a subject's buckets,
-// whose fields are bucket names, "<prefix>:{<subject>}~id:<request ID>"
-// for the markers of idempotent requests and
-// "<prefix>:{<subject>}~lease:<lease name>" for lease sets, whose members
-// are lease IDs. Each of prefix, subject, bucket name, request ID, lease
-// name and lease ID is used as is when it is at most 64 bytes drawn from
-// A-Z a-z 0-9 and . _ @ = - : (so "user:alice" stays readable); any other
-// string, including one with braces, spaces, control bytes, invalid UTF-8
-// or more than 64 bytes, is replaced by "#" and the first 144 bits of its
-// SHA-256 in unpadded base64url (25 bytes in all). A verbatim name never
-// contains "#", so it never equals a hashed one; the subject, being
-// brace-free, is exactly the key's Cluster hash tag; and what follows its
-// "}" (nothing, or "~id:" or "~lease:") keeps bucket hashes apart from
-// markers and lease sets.
+// Keys are "<prefix>:{g/<n>}" for the hash of group n's buckets (see
+// [WithGroups]), whose fields are "<subject>/<bucket name>",
+// "<prefix>:{g/<n>}~id:<subject>/<request ID>" for the markers of
+// idempotent requests and "<prefix>:{<subject>}~lease:<lease name>" for
+// lease sets, whose members are lease IDs. Each of prefix, subject, bucket
+// name, request ID, lease name and lease ID is used as is when it is at
+// most 64 bytes drawn from A-Z a-z 0-9 and . _ @ = - : (so "user:alice"
+// stays readable); any other string, including one with braces, spaces,
+// slashes, control bytes, invalid UTF-8 or more than 64 bytes, is replaced
+// by "#" and the first 144 bits of its SHA-256 in unpadded base64url (25
+// bytes in all). A field longer than 64 bytes is replaced likewise, by the
+// hash of "<subject>/<bucket name>". A verbatim name never contains "#" or
+// "/", so it never equals a hashed one, a join is unambiguous, and a
+// subject never equals a group's tag "g/<n>"; the tag between the braces
+// is exactly the key's Cluster hash tag; and what follows its "}"
+// (nothing, or "~id:" or "~lease:") keeps group hashes apart from markers
+// and lease sets.
 func WithKeyPrefix(prefix string) Option {
 	return optionFunc(func(c *config) { c.prefix = prefix })
+}
+
+// WithGroups sets how many group hashes the Store spreads subjects over;
+// the default is [DefaultGroups], 65,536. A zero or negative n selects the
+// default, and n above 2^32 is lowered to 2^32.
+//
+// Buckets that are not full live in group hashes, "<prefix>:{g/<n>}", one
+// field per bucket, where n is a hash of the subject modulo the number of
+// groups (see [WithKeyPrefix]). Redis keeps a hash of at most 128 fields
+// of at most 64 bytes each (its hash-max-listpack-entries and
+// hash-max-listpack-value) as one compact listpack, where a bucket costs
+// about 35 bytes; a key costs about 120 bytes more, shared by the group's
+// buckets. So size n to the number of buckets that are not full at once
+// (active buckets): with about 64 per group (n = active buckets / 64),
+// almost no group reaches 128 fields, and a bucket costs about 35 bytes.
+// More groups than that cost more per bucket (with one bucket per group, a
+// key's worth: about 160 bytes), fewer make the fullest groups convert to
+// a hash table, which costs several times as much per bucket and never
+// converts back while the group lives; both are correct, only memory
+// differs. Full buckets of subjects that stopped calling (stale buckets,
+// see the package doc) count too: a group that is written to keeps up to
+// about a quarter of its fields stale in the worst case (every write from
+// a new subject), which the 64 per group leave room for.
+//
+// The number of groups, like the prefix, is part of the storage format:
+// every Store that shares a Redis and a prefix must use the same one.
+// Changing it moves every subject to another group, as a new prefix does:
+// every bucket starts full, and the old groups expire on their own TTLs.
+func WithGroups(n int) Option {
+	return optionFunc(func(c *config) {
+		switch {
+		case n <= 0:
+			c.groups = DefaultGroups
+		case uint64(n) > maxGroups:
+			c.groups = maxGroups
+		default:
+			c.groups = uint64(n)
+		}
+	})
 }
 
 // WithTimeout sets how long the Store waits for the reply to one batch,

@@ -14,18 +14,22 @@
 //
 // # Storage
 //
-// A subject's buckets share one Redis hash, with one field per bucket
-// that is not full: small hashes are stored compactly (a listpack), so a
-// bucket costs its name and one integer rather than a key of its own.
-// Measured on Redis 7.0 (used_memory, over 20,000 to 1,000,000 subjects
-// such as "user:123456" with buckets such as "requests"), a bucket costs
-// about 65 bytes when its subject has three, and 160 when it has one, where
-// the key, its TTL and its share of the key tables dominate (a key with a
-// TTL costs 115 to 120 bytes before any value); the string key per bucket
-// of earlier versions cost 160 to 180 bytes either way. A full bucket is
-// not stored: a bucket that ends a request full is removed from the hash,
-// Redis deletes the hash once it is empty, and the hash expires once its
-// last bucket would be full, so idle subjects cost no memory.
+// Buckets live in group hashes: a hash of the subject's name picks one of
+// [WithGroups] groups (65,536 by default), and the group's hash holds one
+// field per bucket that is not full, for every subject of the group. Small
+// hashes are stored compactly (a listpack), so a bucket costs its field
+// and one integer, and a key (about 120 bytes with its TTL) is shared by
+// the group's buckets instead of costing each subject one. Measured on
+// Redis 7.0 (used_memory, over 20,000 to 1,000,000 subjects such as
+// "user:123456" with buckets such as "requests", with a group per 64
+// buckets as [WithGroups] advises), a bucket costs about 35 bytes, whether
+// its subject has one bucket or three; a hash per subject cost 160 and 65,
+// and the string key per bucket of earlier versions 160 to 180. A full
+// bucket is not stored: a bucket that ends a request full is removed from
+// its group, requests that add buckets to a group delete a few of its
+// other full buckets (see below), a group left empty is deleted, and a
+// group expires once its last bucket would be full, so idle subjects cost
+// no memory.
 //
 // A field holds the bucket's empty instant: the instant, in integer
 // microseconds on the server's clock, at which the bucket held (or, in
@@ -45,11 +49,27 @@
 // capacity. A server clock that steps back shows lower levels, never
 // higher ones, until it catches up.
 //
+// The field also holds the bucket's fill class, two more digits: the least
+// k such that the bucket fills from empty in at most 2^k microseconds, so
+// that a full bucket can be told from its value alone, without its limits,
+// at most twice its time to fill after it was empty. Buckets of subjects
+// that stop calling refill to full in their groups (stale buckets); each
+// request that adds buckets to a group samples 4 of its buckets per bucket
+// added, at random, and deletes those full by their class, so that stale
+// buckets stay under about a quarter of a group that is written to
+// (measured: of 64 stale buckets per group, 16 additions per group leave
+// about 16), and a group that is not expires. A request that only updates
+// buckets its group holds samples nothing. Stale buckets count towards
+// the 128 fields of a compact group, as [WithGroups] allows for. The
+// sampling needs Redis 6.2 (HRANDFIELD): on older servers stale buckets
+// stay until their group expires.
+//
 // Earlier versions stored each bucket as a string "<tokens> <instant>" at
-// the key "<prefix>:{<subject>}:<bucket>". This version neither reads nor
-// writes those keys, which expire on their own TTLs, so after an upgrade
-// every bucket starts full. While old and new versions run side by side
-// they keep separate buckets, and a subject may be admitted by both.
+// the key "<prefix>:{<subject>}:<bucket>", and then a subject's buckets in
+// a hash at "<prefix>:{<subject>}". This version neither reads nor writes
+// those keys, which expire on their own TTLs, so after an upgrade every
+// bucket starts full. While old and new versions run side by side they
+// keep separate buckets, and a subject may be admitted by both.
 //
 // A Store coalesces concurrent operations: while two batches are in flight,
 // new operations queue, and the next batch carries every queued operation
@@ -69,11 +89,13 @@
 // [New] accepts any [redis.UniversalClient]: a single server
 // ([redis.Client]), Sentinel ([redis.NewFailoverClient]), Redis Cluster
 // ([redis.ClusterClient]) or a [redis.Ring]. The keys of one operation share
-// its subject as their {hash tag}, so that they live in one Cluster slot
-// (or Ring shard), and a batch is split by slot (or by subject, for a Ring)
-// into script calls sent together in one pipeline. Redis 5 or later is
-// required (the script reads TIME before writing, which needs effects
-// replication).
+// one {hash tag} (the subject's group for a Take, the subject for a lease),
+// so that they live in one Cluster slot (or Ring shard), and a batch is
+// split by slot (or by tag, for a Ring) into script calls sent together in
+// one pipeline. Redis 5 or later is required (the script reads TIME before
+// writing, which needs effects replication), and 6.2 or later advised: on
+// older servers writes do not delete other subjects' full buckets, which
+// then stay until their group expires.
 //
 // Configure the client with ContextTimeoutEnabled, so that a batch's
 // deadline also ends its socket read; with MaxRetries -1 (for a
@@ -124,17 +146,18 @@ var (
 // each with its own all-or-nothing semantics, so two operations on one
 // bucket see each other exactly as two sequential calls would. The server's
 // clock is read once per script call. On Redis Cluster a batch is split by
-// hash slot, and on a Ring by subject, into script calls sent in one
+// hash slot, and on a Ring by hash tag, into script calls sent in one
 // pipeline, so that each node gets one round trip.
 //
-// For a subject S, with S and the other names escaped as [WithKeyPrefix]
-// describes, a Store writes three kinds of keys:
+// For a subject S in group n (see [WithGroups]), with S and the other names
+// escaped as [WithKeyPrefix] describes, a Store writes three kinds of keys:
 //
-//   - "<prefix>:{S}", S's buckets: a hash whose field B holds the empty
-//     instant in microseconds of the bucket named B (see the package doc),
-//     expiring when the last of them would be full;
-//   - "<prefix>:{S}~id:I", the marker of an applied request with ID I:
-//     the string "<instant in microseconds>" until which I counts as
+//   - "<prefix>:{g/n}", the buckets of group n's subjects: a hash whose
+//     field "S/B" holds the empty instant in microseconds of S's bucket
+//     named B and its fill class (see the package doc), expiring when the
+//     last of them would be full;
+//   - "<prefix>:{g/n}~id:S/I", the marker of S's applied request with ID
+//     I: the string "<instant in microseconds>" until which I counts as
 //     applied, expiring then ([bucket.Request.IDWindow] after it was set);
 //   - "<prefix>:{S}~lease:N", the leases of the concurrency limit named
 //     N: a sorted set of lease IDs scored by their expiry instants in
@@ -145,6 +168,9 @@ type Store struct {
 	prefix   string
 	timeout  time.Duration
 	maxBatch int
+	// groupCount is how many group hashes subjects are spread over (see
+	// [WithGroups]).
+	groupCount uint64
 	// oneAttempt reports that the client never resends a command, so that
 	// an error it returns is about the only attempt (see failure).
 	oneAttempt bool
@@ -163,8 +189,8 @@ type Store struct {
 // The Store does not close client. How it sends batches depends on the
 // client's type: one script call per batch for a [*redis.Client] (a single
 // server, or a Sentinel failover client), and one pipeline of script calls,
-// one per hash slot, for a [*redis.ClusterClient] (or one per subject, for a
-// [*redis.Ring] or any other client).
+// one per hash slot, for a [*redis.ClusterClient] (or one per hash tag, for
+// a [*redis.Ring] or any other client).
 //
 // The client should set [redis.Options.ContextTimeoutEnabled], so that a
 // hung server fails a batch at its deadline rather than after ReadTimeout
@@ -174,17 +200,18 @@ type Store struct {
 // with MaxRedirects -1 its failures can be told apart too, but a batch that
 // meets a slot migration fails (as not applied) instead of following it.
 func New(client redis.UniversalClient, opts ...Option) *Store {
-	cfg := config{prefix: DefaultKeyPrefix, timeout: DefaultTimeout, maxBatch: DefaultMaxBatch}
+	cfg := config{prefix: DefaultKeyPrefix, timeout: DefaultTimeout, maxBatch: DefaultMaxBatch, groups: DefaultGroups}
 	for _, o := range opts {
 		o.apply(&cfg)
 	}
 	s := &Store{
-		client:   client,
-		prefix:   escape(cfg.prefix),
-		timeout:  cfg.timeout,
-		maxBatch: cfg.maxBatch,
-		now:      cfg.now,
-		routing:  routeTag,
+		client:     client,
+		prefix:     escape(cfg.prefix),
+		timeout:    cfg.timeout,
+		maxBatch:   cfg.maxBatch,
+		groupCount: cfg.groups,
+		now:        cfg.now,
+		routing:    routeTag,
 	}
 	switch c := client.(type) {
 	case *redis.Client:
@@ -291,22 +318,25 @@ func (s *Store) Take(ctx context.Context, req bucket.Request) (bucket.Decision, 
 }
 
 // takeArgSize is enough for the keys and the ARGV entry of any valid
-// request: two keys of at most three escaped names each, a mode, a window
-// and, per charge, an escaped name and three numbers of at most 24 bytes,
-// each after a space.
-const takeArgSize = 2*(3*maxVerbatim+16) + 32 + bucket.MaxCharges*(1+maxVerbatim+3*25)
+// request: a group key and a marker key (an escaped prefix, a group tag of
+// at most 22 bytes, a separator and, for the marker, two escaped names), a
+// mode, a window and, per charge, a field and three numbers of at most 24
+// bytes, each after a space.
+const takeArgSize = 2*(3*maxVerbatim+32) + 32 + bucket.MaxCharges*(1+maxField+3*25)
 
-// takeOp returns the operation of a valid request: its subject's bucket
-// hash and marker key, and "<mode> <window or -> <name> <capacity> <rate>
+// takeOp returns the operation of a valid request: its subject's group
+// hash and marker key, and "<mode> <window or -> <field> <capacity> <rate>
 // <cost>..." (see batch.lua). The keys and the argument share one
-// allocation.
+// allocation, and the operation's tag (the group's) is part of it.
 func (s *Store) takeOp(req bucket.Request) *op {
-	o := &op{tag: escape(req.Subject)}
+	o := &op{}
+	subject := escape(req.Subject)
+	g := groupOf(subject, s.groupCount)
 	var buf [takeArgSize]byte
-	b := appendBucketsKey(buf[:0], s.prefix, o.tag)
-	bucketsEnd := len(b)
+	b := appendGroupKey(buf[:0], s.prefix, g)
+	groupEnd := len(b)
 	if req.ID != "" {
-		b = appendIDKey(b, s.prefix, o.tag, escape(req.ID))
+		b = appendIDKey(b, s.prefix, g, subject, escape(req.ID))
 	}
 	keysEnd := len(b)
 	b = append(b, req.Mode.String()...)
@@ -317,15 +347,17 @@ func (s *Store) takeOp(req bucket.Request) *op {
 		b = strconv.AppendInt(b, ceilMicros(req.Window()), 10)
 	}
 	for _, c := range req.Charges {
-		b = append(append(b, ' '), escape(c.Bucket)...)
+		b = appendField(append(b, ' '), subject, escape(c.Bucket))
 		b = appendFloat(append(b, ' '), c.Limit.Capacity)
 		b = appendFloat(append(b, ' '), c.Limit.RefillPerSecond)
 		b = appendFloat(append(b, ' '), c.Cost)
 	}
 	all := string(b)
-	o.keys = append(o.keyBuf[:0], all[:bucketsEnd])
+	// The tag is what the group key holds between "{" and "}".
+	o.tag = all[len(s.prefix)+len(":{") : groupEnd-len("}")]
+	o.keys = append(o.keyBuf[:0], all[:groupEnd])
 	if req.ID != "" {
-		o.keys = append(o.keys, all[bucketsEnd:keysEnd])
+		o.keys = append(o.keys, all[groupEnd:keysEnd])
 	}
 	o.arg = all[keysEnd:]
 	return o

@@ -6,6 +6,7 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"math"
 	"slices"
 	"strings"
@@ -181,7 +182,7 @@ func TestCluster(t *testing.T) {
 		t.Parallel()
 		s := newStore(client, redisstore.WithKeyPrefix("aon"))
 		// MaxCharges buckets in one script: only possible because they
-		// share the subject's hash slot. Rates are tiny, so that the
+		// share the subject's group's hash slot. Rates are tiny, so that the
 		// server clock's refill during the test is negligible.
 		charges := make([]bucket.Charge, bucket.MaxCharges)
 		for i := range charges {
@@ -208,7 +209,7 @@ func TestCluster(t *testing.T) {
 	})
 	t.Run("KeySlots", func(t *testing.T) {
 		t.Parallel()
-		keys := []string{"cl:{user:alice}:b", "x", "{}", "a{}b", "{a}{b}", "a{b", "日本語", "cl:{" + hashed("{a}") + "}~id:" + hashed("x")}
+		keys := []string{"cl:{user:alice}:b", redisstore.GroupKey("cl", "user:alice"), redisstore.MarkerKey("cl", "{a}", "x"), "x", "{}", "a{}b", "{a}{b}", "a{b", "日本語", "cl:{" + hashed("{a}") + "}~id:" + hashed("x")}
 		for i := range 50 {
 			keys = append(keys, fmt.Sprintf("p%d:{user:%d}~lease:gen", i, i*7919))
 		}
@@ -224,8 +225,8 @@ func TestCluster(t *testing.T) {
 	})
 	t.Run("SubjectsSpreadOverMasters", func(t *testing.T) {
 		t.Parallel()
-		// The hash tag is the subject, not the prefix: subjects land on
-		// every master instead of all on one.
+		// The hash tag is the subject's group, not the prefix: subjects
+		// land on every master instead of all on one.
 		s := newStore(client, redisstore.WithKeyPrefix("spread"))
 		for i := range 60 {
 			take(t, s, bucket.Request{Subject: fmt.Sprint("user:", i), Charges: []bucket.Charge{charge("b", 10, 1, 1)}})
@@ -254,7 +255,7 @@ func TestServerClock(t *testing.T) {
 	t.Parallel()
 	client := redistest.Start(t).NewClient(t)
 	s := newStore(client, redisstore.WithKeyPrefix("sc"))
-	const key = "sc:{user:alice}"
+	key := redisstore.GroupKey("sc", "user:alice")
 	req := func(mode bucket.Mode, cost float64) bucket.Request {
 		return bucket.Request{Subject: "user:alice", Mode: mode, Charges: []bucket.Charge{charge("b", 10, 2, cost)}}
 	}
@@ -307,7 +308,7 @@ func TestIdempotencyServerClock(t *testing.T) {
 	t.Parallel()
 	client := redistest.Start(t).NewClient(t)
 	s := newStore(client, redisstore.WithKeyPrefix("idem"))
-	const marker = "idem:{user:alice}~id:settle-1"
+	marker := redisstore.MarkerKey("idem", "user:alice", "settle-1")
 	lim := bucket.Limit{Capacity: 10, RefillPerSecond: 1e-6}
 	req := func(mode bucket.Mode, id string, cost float64) bucket.Request {
 		return bucket.Request{Subject: "user:alice", Mode: mode, ID: id, Charges: []bucket.Charge{{Bucket: "b", Limit: lim, Cost: cost}}}
@@ -333,7 +334,7 @@ func TestIdempotencyServerClock(t *testing.T) {
 	short := req(bucket.ModeAdjust, "short", 0)
 	short.IDWindow = 30 * time.Second
 	take(t, s, short)
-	if ttl, err := client.PTTL(t.Context(), "idem:{user:alice}~id:short").Result(); err != nil || ttl > short.IDWindow || ttl < short.IDWindow-time.Second {
+	if ttl, err := client.PTTL(t.Context(), redisstore.MarkerKey("idem", "user:alice", "short")).Result(); err != nil || ttl > short.IDWindow || ttl < short.IDWindow-time.Second {
 		t.Fatalf("PTTL of a marker with a %v window = %v, %v", short.IDWindow, ttl, err)
 	}
 	d := take(t, s, req(bucket.ModeAdjust, "settle-1", 4))
@@ -344,7 +345,7 @@ func TestIdempotencyServerClock(t *testing.T) {
 	if d := take(t, s, req(bucket.ModeTake, "big", 7)); d.Allowed {
 		t.Fatalf("take of 7 from 6: %+v, want denied", d)
 	}
-	if n, err := client.Exists(t.Context(), "idem:{user:alice}~id:big").Result(); err != nil || n != 0 {
+	if n, err := client.Exists(t.Context(), redisstore.MarkerKey("idem", "user:alice", "big")).Result(); err != nil || n != 0 {
 		t.Fatalf("EXISTS marker of a denied take = %d, %v; want 0", n, err)
 	}
 	// Once the marker has expired, the ID is applied anew.
@@ -497,8 +498,9 @@ func acquire(t *testing.T, s bucket.LeaseStore, req bucket.LeaseRequest) bucket.
 	return d
 }
 
-// TestIDAndLeaseKeys shows the keys of ID markers and lease sets: beside
-// the subject's bucket hash, in its hash slot, and never equal to it.
+// TestIDAndLeaseKeys shows the keys of ID markers and lease sets: an ID
+// marker beside the subject's group hash, in its hash slot; a lease set in
+// the subject's; never equal to one another.
 func TestIDAndLeaseKeys(t *testing.T) {
 	t.Parallel()
 	c := redistest.Start(t).NewClient(t)
@@ -513,10 +515,11 @@ func TestIDAndLeaseKeys(t *testing.T) {
 		t.Fatal(err)
 	}
 	slices.Sort(keys)
+	group := redisstore.GroupKey("k", "user:alice")
 	want := []string{
-		"k:{user:alice}",
-		"k:{user:alice}~id:" + hashed("{odd}"),
-		"k:{user:alice}~id:req-1",
+		group,
+		group + "~id:user:alice/" + hashed("{odd}"),
+		group + "~id:user:alice/req-1",
 		"k:{user:alice}~lease:" + hashed("a}{b"),
 		"k:{user:alice}~lease:gen",
 	}
@@ -524,13 +527,22 @@ func TestIDAndLeaseKeys(t *testing.T) {
 	if !slices.Equal(keys, want) {
 		t.Fatalf("keys = %q, want %q", keys, want)
 	}
+	if got := redisstore.MarkerKey("k", "user:alice", "req-1"); got != group+"~id:user:alice/req-1" {
+		t.Errorf("MarkerKey = %q", got)
+	}
 	for _, k := range keys {
-		if tag := hashTag(k); tag != "user:alice" {
-			t.Errorf("hash tag of %q = %q, want user:alice", k, tag)
+		wantTag := hashTag(group)
+		if strings.Contains(k, "~lease:") {
+			wantTag = "user:alice"
+		}
+		if tag := hashTag(k); tag != wantTag {
+			t.Errorf("hash tag of %q = %q, want %q", k, tag, wantTag)
 		}
 	}
-	if fields, err := c.HKeys(t.Context(), "k:{user:alice}").Result(); err != nil || !slices.Equal(fields, []string{"b", hashed("~id:req-1")}) {
-		t.Errorf("HKEYS k:{user:alice} = %q, %v; want b and the hashed name", fields, err)
+	fields, err := c.HKeys(t.Context(), group).Result()
+	slices.Sort(fields)
+	if want := []string{"user:alice/" + hashed("~id:req-1"), "user:alice/b"}; err != nil || !slices.Equal(fields, want) {
+		t.Errorf("HKEYS %s = %q, %v; want %q", group, fields, err, want)
 	}
 	for key, wantMembers := range map[string][]string{
 		"k:{user:alice}~lease:gen":               {"call-1"},
@@ -584,29 +596,30 @@ func TestKeys(t *testing.T) {
 	long := strings.Repeat("x", 64)
 	huge := "user:" + strings.Repeat("y", 1<<20)
 	rows := []struct {
-		name      string
-		prefix    string
-		subject   string
-		bucket    string
-		wantKey   string
-		wantField string
-		wantTag   string
+		name    string
+		prefix  string
+		subject string
+		bucket  string
+		// The escaped prefix, subject and bucket name.
+		wantPrefix, wantSubject, wantBucket string
 	}{
-		{name: "readable subject", prefix: "k", subject: "user:alice", bucket: "search", wantKey: "k:{user:alice}", wantField: "search", wantTag: "user:alice"},
-		{name: "every safe character", prefix: "k", subject: "azAZ09._@=-:", bucket: "b.1_@=-:", wantKey: "k:{azAZ09._@=-:}", wantField: "b.1_@=-:", wantTag: "azAZ09._@=-:"},
-		{name: "64-byte subject", prefix: "k", subject: long, bucket: "b", wantKey: "k:{" + long + "}", wantField: "b", wantTag: long},
-		{name: "65-byte subject", prefix: "k", subject: long + "x", bucket: "b", wantKey: "k:{" + hashed(long+"x") + "}", wantField: "b", wantTag: hashed(long + "x")},
-		{name: "1 MiB subject", prefix: "k", subject: huge, bucket: "b", wantKey: "k:{" + hashed(huge) + "}", wantField: "b", wantTag: hashed(huge)},
-		{name: "braces", prefix: "k", subject: "{a}", bucket: "b", wantKey: "k:{" + hashed("{a}") + "}", wantField: "b", wantTag: hashed("{a}")},
-		{name: "key-shaped subject", prefix: "k", subject: "k:{a}:b", bucket: "b", wantKey: "k:{" + hashed("k:{a}:b") + "}", wantField: "b", wantTag: hashed("k:{a}:b")},
-		{name: "control bytes", prefix: "k", subject: "a\x00\r\nb", bucket: "b", wantKey: "k:{" + hashed("a\x00\r\nb") + "}", wantField: "b", wantTag: hashed("a\x00\r\nb")},
-		{name: "invalid UTF-8", prefix: "k", subject: "\xff\xfe", bucket: "b", wantKey: "k:{" + hashed("\xff\xfe") + "}", wantField: "b", wantTag: hashed("\xff\xfe")},
-		{name: "subject posing as a hash", prefix: "k", subject: hashed("x"), bucket: "b", wantKey: "k:{" + hashed(hashed("x")) + "}", wantField: "b", wantTag: hashed(hashed("x"))},
-		{name: "odd bucket name", prefix: "k", subject: "alice", bucket: "}{*", wantKey: "k:{alice}", wantField: hashed("}{*"), wantTag: "alice"},
-		{name: "bucket name with spaces", prefix: "k", subject: "alice", bucket: "a b c", wantKey: "k:{alice}", wantField: hashed("a b c"), wantTag: "alice"},
-		{name: "long bucket name", prefix: "k", subject: "alice", bucket: long + "x", wantKey: "k:{alice}", wantField: hashed(long + "x"), wantTag: "alice"},
-		{name: "odd prefix", prefix: "app{1}", subject: "alice", bucket: "b", wantKey: hashed("app{1}") + ":{alice}", wantField: "b", wantTag: "alice"},
-		{name: "default prefix", subject: "alice", bucket: "b", wantKey: "cl:{alice}", wantField: "b", wantTag: "alice"},
+		{name: "readable subject", prefix: "k", subject: "user:alice", bucket: "search", wantPrefix: "k", wantSubject: "user:alice", wantBucket: "search"},
+		{name: "every safe character", prefix: "k", subject: "azAZ09._@=-:", bucket: "b.1_@=-:", wantPrefix: "k", wantSubject: "azAZ09._@=-:", wantBucket: "b.1_@=-:"},
+		// The field, 66 bytes joined, is hashed.
+		{name: "64-byte subject", prefix: "k", subject: long, bucket: "b", wantPrefix: "k", wantSubject: long, wantBucket: "b"},
+		{name: "65-byte subject", prefix: "k", subject: long + "x", bucket: "b", wantPrefix: "k", wantSubject: hashed(long + "x"), wantBucket: "b"},
+		{name: "1 MiB subject", prefix: "k", subject: huge, bucket: "b", wantPrefix: "k", wantSubject: hashed(huge), wantBucket: "b"},
+		{name: "braces", prefix: "k", subject: "{a}", bucket: "b", wantPrefix: "k", wantSubject: hashed("{a}"), wantBucket: "b"},
+		{name: "key-shaped subject", prefix: "k", subject: "k:{a}:b", bucket: "b", wantPrefix: "k", wantSubject: hashed("k:{a}:b"), wantBucket: "b"},
+		{name: "group-shaped subject", prefix: "k", subject: "g/1", bucket: "b", wantPrefix: "k", wantSubject: hashed("g/1"), wantBucket: "b"},
+		{name: "control bytes", prefix: "k", subject: "a\x00\r\nb", bucket: "b", wantPrefix: "k", wantSubject: hashed("a\x00\r\nb"), wantBucket: "b"},
+		{name: "invalid UTF-8", prefix: "k", subject: "\xff\xfe", bucket: "b", wantPrefix: "k", wantSubject: hashed("\xff\xfe"), wantBucket: "b"},
+		{name: "subject posing as a hash", prefix: "k", subject: hashed("x"), bucket: "b", wantPrefix: "k", wantSubject: hashed(hashed("x")), wantBucket: "b"},
+		{name: "odd bucket name", prefix: "k", subject: "alice", bucket: "}{*", wantPrefix: "k", wantSubject: "alice", wantBucket: hashed("}{*")},
+		{name: "bucket name with spaces", prefix: "k", subject: "alice", bucket: "a b c", wantPrefix: "k", wantSubject: "alice", wantBucket: hashed("a b c")},
+		{name: "long bucket name", prefix: "k", subject: "alice", bucket: long + "x", wantPrefix: "k", wantSubject: "alice", wantBucket: hashed(long + "x")},
+		{name: "odd prefix", prefix: "app{1}", subject: "alice", bucket: "b", wantPrefix: hashed("app{1}"), wantSubject: "alice", wantBucket: "b"},
+		{name: "default prefix", subject: "alice", bucket: "b", wantPrefix: "cl", wantSubject: "alice", wantBucket: "b"},
 	}
 	for i, tc := range rows {
 		t.Run(tc.name, func(t *testing.T) {
@@ -623,19 +636,39 @@ func TestKeys(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if len(keys) != 1 || keys[0] != tc.wantKey {
-				t.Fatalf("keys = %.200q, want [%q]", keys, tc.wantKey)
+			// The documented format: the group is the FNV-1a hash of the
+			// escaped subject, mixed by MurmurHash3's fmix64, modulo the
+			// number of groups, and the field joins the escaped subject
+			// and bucket name with "/", or hashes the join if it is over
+			// 64 bytes.
+			h := fnv.New64a()
+			h.Write([]byte(tc.wantSubject))
+			g := h.Sum64()
+			g ^= g >> 33
+			g *= 0xff51afd7ed558ccd
+			g ^= g >> 33
+			g *= 0xc4ceb9fe1a85ec53
+			g ^= g >> 33
+			tag := fmt.Sprintf("g/%d", g%redisstore.DefaultGroups)
+			wantKey := tc.wantPrefix + ":{" + tag + "}"
+			wantField := tc.wantSubject + "/" + tc.wantBucket
+			if len(wantField) > 64 {
+				wantField = hashed(wantField)
+			}
+			if len(keys) != 1 || keys[0] != wantKey {
+				t.Fatalf("keys = %.200q, want [%q]", keys, wantKey)
 			}
 			if len(keys[0]) > 100 {
 				t.Errorf("key is %d bytes long", len(keys[0]))
 			}
-			if fields, err := client.HKeys(t.Context(), keys[0]).Result(); err != nil || !slices.Equal(fields, []string{tc.wantField}) {
-				t.Fatalf("HKEYS %s = %q, %v; want [%q]", keys[0], fields, err, tc.wantField)
+			fields, err := client.HKeys(t.Context(), keys[0]).Result()
+			if want := []string{wantField}; err != nil || !slices.Equal(fields, want) {
+				t.Fatalf("HKEYS %s = %q, %v; want %q", keys[0], fields, err, want)
 			}
 			// Redis Cluster hashes the part between the first "{" and the
-			// next "}": it must be exactly the (escaped) subject.
-			if tag := hashTag(keys[0]); tag != tc.wantTag {
-				t.Errorf("hash tag of %q = %q, want %q", keys[0], tag, tc.wantTag)
+			// next "}": it must be exactly the group's tag.
+			if got := hashTag(keys[0]); got != tag {
+				t.Errorf("hash tag of %q = %q, want %q", keys[0], got, tag)
 			}
 		})
 	}
@@ -673,7 +706,7 @@ func TestKeysAreDistinct(t *testing.T) {
 			t.Fatalf("subject %q bucket %q shares a key with an earlier pair", p[0], p[1])
 		}
 	}
-	// One hash per subject, one field per bucket: 12 buckets in all.
+	// One field per bucket, in its subject's group hash: 12 buckets in all.
 	keys, err := client.Keys(t.Context(), "*").Result()
 	if err != nil {
 		t.Fatal(err)
@@ -695,21 +728,24 @@ func TestCorruptValues(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
 		subject string
-		write   func(key string) error
+		write   func(key, field string) error
 		bucket  string
 		wantErr string
 	}{
-		{"garbage", "alice", func(k string) error { return client.HSet(ctx, k, "garbage", "garbage").Err() }, "garbage", "malformed bucket value at key bad:{alice}, field garbage"},
-		{"NaN", "alice", func(k string) error { return client.HSet(ctx, k, "nan", "nan").Err() }, "nan", "malformed bucket value at key bad:{alice}, field nan"},
-		{"minus infinity", "alice", func(k string) error { return client.HSet(ctx, k, "inf", "-inf").Err() }, "inf", "malformed bucket value at key bad:{alice}, field inf"},
-		{"old format", "alice", func(k string) error { return client.HSet(ctx, k, "old", "2.5 1763900000000000").Err() }, "old", "malformed bucket value at key bad:{alice}, field old"},
-		{"wrong type", "carol", func(k string) error { return client.Set(ctx, k, "x", 0).Err() }, "b", "WRONGTYPE"},
+		{"garbage", "alice", func(k, f string) error { return client.HSet(ctx, k, f, "garbage").Err() }, "garbage", "malformed bucket value"},
+		{"NaN", "alice", func(k, f string) error { return client.HSet(ctx, k, f, "nan").Err() }, "nan", "malformed bucket value"},
+		{"minus infinity", "alice", func(k, f string) error { return client.HSet(ctx, k, f, "-inf").Err() }, "inf", "malformed bucket value"},
+		{"old format", "alice", func(k, f string) error { return client.HSet(ctx, k, f, "2.5 1763900000000000").Err() }, "old", "malformed bucket value"},
+		{"wrong type", "carol", func(k, _ string) error { return client.Set(ctx, k, "x", 0).Err() }, "b", "WRONGTYPE"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
-			key := "bad:{" + tc.subject + "}"
-			if err := tc.write(key); err != nil {
+			key := redisstore.GroupKey("bad", tc.subject)
+			if err := tc.write(key, redisstore.Field(tc.subject, tc.bucket)); err != nil {
 				t.Fatal(err)
+			}
+			if tc.wantErr != "WRONGTYPE" {
+				tc.wantErr += " at key " + key + ", field " + redisstore.Field(tc.subject, tc.bucket)
 			}
 			good := "good-" + tc.bucket
 			_, err := s.Take(t.Context(), bucket.Request{Subject: tc.subject, Charges: []bucket.Charge{charge(good, 5, 1, 1), charge(tc.bucket, 5, 1, 1)}})
@@ -719,7 +755,7 @@ func TestCorruptValues(t *testing.T) {
 			}
 			// The script failed before writing: the good bucket is untouched.
 			if tc.subject == "alice" {
-				if ok, err := client.HExists(t.Context(), key, good).Result(); err != nil || ok {
+				if ok, err := client.HExists(t.Context(), key, redisstore.Field(tc.subject, good)).Result(); err != nil || ok {
 					t.Fatalf("HEXISTS %s %s = %v, %v; want false", key, good, ok, err)
 				}
 			}

@@ -109,30 +109,62 @@ func TestParseLeaseReply(t *testing.T) {
 
 func TestKeyKindsAreDistinct(t *testing.T) {
 	t.Parallel()
-	// Whatever the names, once escaped, a bucket hash, an ID marker and a
-	// lease set of the same or different subjects never coincide, even
-	// when the names look like other keys' tails.
-	names := []string{"a", "id:a", "lease:a", "~id:a", "}~id:a", ":a", "a:b", "}:a", "a}~lease:b", "{x}", escape("x")}
-	seen := map[string]string{}
-	for _, subj := range []string{"s", "s}", "s:", "s}~id:", "s}:", escape("s}")} {
-		k := bucketsKey("p", escape(subj))
-		what := fmt.Sprintf("bucket hash of subject %q", subj)
-		if prev, ok := seen[k]; ok {
-			t.Fatalf("%s and %s share the key %q", prev, what, k)
-		}
-		seen[k] = what
-		for _, name := range names {
-			for kind, k := range map[string]string{
-				"id":    idKey("p", escape(subj), escape(name)),
-				"lease": leaseKey("p", escape(subj), escape(name)),
-			} {
-				what := fmt.Sprintf("%s of subject %q named %q", kind, subj, name)
-				if prev, ok := seen[k]; ok {
-					t.Fatalf("%s and %s share the key %q", prev, what, k)
+	// Whatever the names, once escaped, a bucket (its group key and field),
+	// an ID marker and a lease set of the same or different subjects never
+	// coincide, even when the names look like other keys' tails, and even
+	// when every subject shares one group.
+	names := []string{"a", "id:a", "lease:a", "~id:a", "}~id:a", ":a", "a:b", "}:a", "a}~lease:b", "{x}", "a/b", "/", "~", escape("x")}
+	for _, groups := range []uint64{1, DefaultGroups} {
+		seen := map[string]string{}
+		for _, subj := range []string{"s", "s}", "s:", "s}~id:", "s}:", "s/a", "g", "g/0", "g:0", escape("s}")} {
+			es := escape(subj)
+			g := groupOf(es, groups)
+			for _, name := range names {
+				for kind, k := range map[string]string{
+					"bucket": groupKey("p", g) + " " + field(es, escape(name)),
+					"id":     idKey("p", g, es, escape(name)),
+					"lease":  leaseKey("p", es, escape(name)),
+				} {
+					what := fmt.Sprintf("%s of subject %q named %q", kind, subj, name)
+					if prev, ok := seen[k]; ok {
+						t.Fatalf("%d groups: %s and %s share the place %q", groups, prev, what, k)
+					}
+					seen[k] = what
 				}
-				seen[k] = what
 			}
 		}
+	}
+}
+
+func TestField(t *testing.T) {
+	t.Parallel()
+	// A field joins the escaped subject and bucket name while that fits
+	// in 64 bytes, and hashes the join otherwise, so that a group stays a
+	// listpack whatever the names.
+	long := strings.Repeat("x", maxVerbatim)
+	for _, tc := range []struct {
+		subject, name string
+		want          string
+	}{
+		{"user:alice", "requests", "user:alice/requests"},
+		{strings.Repeat("s", 31), strings.Repeat("b", 32), strings.Repeat("s", 31) + "/" + strings.Repeat("b", 32)},
+		{strings.Repeat("s", 32), strings.Repeat("b", 32), ""},
+		{long, long, ""},
+		{long + "y", "{b}", escape(long+"y") + "/" + escape("{b}")},
+	} {
+		got := field(escape(tc.subject), escape(tc.name))
+		if tc.want != "" && got != tc.want {
+			t.Errorf("field(%q, %q) = %q, want %q", tc.subject, tc.name, got, tc.want)
+		}
+		if tc.want == "" && (len(got) != 1+24 || !strings.HasPrefix(got, hashMarker) || !verbatim(got[1:])) {
+			t.Errorf("field(%q, %q) = %q, want %q and 24 base64url characters", tc.subject, tc.name, got, hashMarker)
+		}
+		if len(got) > maxField {
+			t.Errorf("field(%q, %q) = %q: %d bytes, want at most %d", tc.subject, tc.name, got, len(got), maxField)
+		}
+	}
+	if a, b := field("s", long), field("s"+long[:1], long[1:]); a == b {
+		t.Errorf("two joins hash alike: %q", a)
 	}
 }
 

@@ -21,8 +21,10 @@ var crcTable = func() (t [256]uint16) {
 }()
 
 // slot returns the Redis Cluster hash slot of a key whose hash tag is tag.
-// Every key of a subject has the escaped subject as its tag (see key.go),
-// so the store finds an operation's slot without looking at its keys.
+// Every key of an operation has the operation's tag (its subject's group,
+// "g/<n>", for a bucket request; its escaped subject for a lease; see
+// key.go), so the store finds an operation's slot without looking at its
+// keys.
 func slot(tag string) uint16 {
 	var crc uint16
 	for i := range len(tag) {
