@@ -28,6 +28,8 @@ import (
 //	failure_policy: local           # optional: local (default), open or closed
 //	local_share: 0.5                # optional: share of each limit one instance keeps under local
 //	store_timeout: 100ms            # optional
+//	redis_groups: 65536             # optional: the default
+//	denial_cache: true              # optional: the default
 //	auth_failures: { capacity: 20, period: 400s }  # optional: the default
 //	max_message_bytes: 4194304      # optional: the default, 4 MiB
 //	read_timeout: 1m                # optional: the default; 0s for none
@@ -58,6 +60,17 @@ type Config struct {
 	// means [interceptor.DefaultStoreTimeout]. Every concurrency lease
 	// must be at least 10 times as long.
 	StoreTimeout time.Duration `yaml:"store_timeout"`
+	// RedisGroups is how many group hashes the Redis store spreads
+	// subjects over, from 1 to 2^32; zero means
+	// [redisstore.DefaultGroups]. Size it to about the number of buckets
+	// that are not full at once divided by 64 (see [redisstore.WithGroups]);
+	// every instance sharing a Redis must use the same value, and changing
+	// it starts every bucket full.
+	RedisGroups int `yaml:"redis_groups"`
+	// DenialCache, when false, turns off the local denial cache in front of
+	// the Redis store (see [interceptor.WithDenialCache]). Unset means
+	// true.
+	DenialCache *bool `yaml:"denial_cache"`
 	// AuthFailures limits failed authentications (unknown API keys,
 	// malformed Authorization headers) per client IP, shared through the
 	// store; past it, calls from that IP get CodeResourceExhausted with a
@@ -146,6 +159,9 @@ const DefaultReadTimeout = time.Minute
 // configuration sets idle_timeout.
 const DefaultIdleTimeout = 2 * time.Minute
 
+// maxRedisGroups bounds redis_groups, as redisstore.WithGroups does.
+const maxRedisGroups = 1 << 32
+
 // maxStoreTimeout bounds store_timeout: a limiter that waits longer for its
 // store is itself an outage.
 const maxStoreTimeout = time.Minute
@@ -196,6 +212,9 @@ func (cfg Config) Validate() error {
 	}
 	if cfg.StoreTimeout != 0 && (cfg.StoreTimeout < time.Millisecond || cfg.StoreTimeout > maxStoreTimeout) {
 		return fmt.Errorf("server: store_timeout must be from 1ms to %v, got %v", maxStoreTimeout, cfg.StoreTimeout)
+	}
+	if cfg.RedisGroups < 0 || int64(cfg.RedisGroups) > maxRedisGroups {
+		return fmt.Errorf("server: redis_groups must be from 1 to %d (0 for the default), got %d", maxRedisGroups, cfg.RedisGroups)
 	}
 	if err := cfg.checkLeases(); err != nil {
 		return err

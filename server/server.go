@@ -187,6 +187,7 @@ func (s *Server) build() error {
 		interceptor.WithTrustedProxies(s.proxies...),
 		interceptor.WithLogger(s.opts.logger),
 		interceptor.WithStoreTimeout(s.cfg.storeTimeout()),
+		interceptor.WithDenialCache(s.cfg.DenialCache == nil || *s.cfg.DenialCache),
 	}
 	if s.cfg.LocalShare != 0 {
 		icOpts = append(icOpts, interceptor.WithLocalShare(s.cfg.LocalShare))
@@ -236,7 +237,7 @@ func (s *Server) openStore() error {
 		client = c
 	}
 	if client != nil {
-		s.store = redisstore.New(client, redisstore.WithTimeout(s.cfg.storeTimeout()))
+		s.store = redisstore.New(client, redisstore.WithTimeout(s.cfg.storeTimeout()), redisstore.WithGroups(s.cfg.RedisGroups))
 		return nil
 	}
 	ms := memstore.New()
