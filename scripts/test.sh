@@ -79,10 +79,11 @@ echo "ok"
 
 # The nested Go modules: connect-go v2 lives only in these, never in the
 # root module (interceptor/v2 and client/v2 are the v2 adapters, the v2
-# example, and the conformance harness that runs the official Connect suite
-# against servers of both majors). Each replaces the root module with this
-# working tree.
-modules=(interceptor/v2 client/v2 examples/aiservice/v2 internal/conformance)
+# example, the conformance harness that runs the official Connect suite
+# against servers of both majors, and bench, the benchmark program whose
+# test runs it briefly). Each replaces the root module with this working
+# tree.
+modules=(interceptor/v2 client/v2 examples/aiservice/v2 internal/conformance bench)
 
 section "go vet"
 run go vet ./...
