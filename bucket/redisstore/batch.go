@@ -67,14 +67,24 @@ func (s *Store) do(ctx context.Context, o *op) (any, error) {
 	s.mu.Lock()
 	s.queue = append(s.queue, o)
 	var batch []*op
+	handOff := false
 	if s.inFlight < maxInFlight {
 		// Light traffic: o goes at once, alone or with whatever queued
-		// while the last batches were in flight.
+		// while the last batches were in flight, on a worker that waits
+		// for work (see run) if there is one.
 		s.inFlight++
 		batch = s.takeLocked()
+		if s.idle > 0 {
+			s.idle--
+			handOff = true
+		}
 	}
 	s.mu.Unlock()
-	if batch != nil {
+	switch {
+	case handOff:
+		// Never blocks: the channel has room for every worker.
+		s.wake <- batch
+	case batch != nil:
 		go s.run(batch)
 	}
 
@@ -127,19 +137,46 @@ func (s *Store) takeLocked() []*op {
 }
 
 // run sends batch, then the batches that queued meanwhile, until the queue
-// is empty. It runs on a goroutine of its own, which exists only while
-// there is work, so an idle Store has no goroutine and needs no Close.
+// is empty; then it waits up to linger for a batch that [Store.do] hands
+// it, and returns if none comes. It runs on a goroutine of its own, which
+// exists only while there is work and for linger after, so a Store idle
+// for longer has no goroutine and needs no Close. Under light traffic the
+// next call finds the worker waiting instead of starting a goroutine,
+// whose stack would have to grow again to the depth of a Redis call.
 func (s *Store) run(batch []*op) {
+	var wait *time.Timer
 	for {
 		s.send(batch)
 		s.mu.Lock()
 		batch = s.takeLocked()
-		if len(batch) == 0 {
-			s.inFlight--
+		if len(batch) > 0 {
+			s.mu.Unlock()
+			continue
+		}
+		s.inFlight--
+		s.idle++
+		s.mu.Unlock()
+		if wait == nil {
+			wait = time.NewTimer(linger)
+		} else {
+			wait.Reset(linger)
+		}
+		select {
+		case batch = <-s.wake:
+			continue
+		case <-wait.C:
+		}
+		s.mu.Lock()
+		if s.idle > 0 {
+			// No batch was handed to a waiting worker: this one leaves.
+			s.idle--
 			s.mu.Unlock()
 			return
 		}
 		s.mu.Unlock()
+		// Every waiting worker has a batch coming (do counted them off
+		// under s.mu before sending), this one included.
+		batch = <-s.wake
 	}
 }
 

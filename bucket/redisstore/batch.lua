@@ -87,20 +87,27 @@
 -- A bucket that ends a request full is deleted from the hash, and Redis
 -- deletes a hash once it is empty. Buckets of other subjects refill to full
 -- without a request, and stay in the hash (stale) until the group expires
--- or a write deletes them: each request that adds buckets to a group also
--- samples 4 of its fields per bucket added, at random (HRANDFIELD, on Redis
--- 6.2 and later; on older servers nothing is sampled), and deletes those
--- that are full by their class. A bucket can only become stale once per
--- time it was added, and each addition removes 4 / fields stale buckets on
--- average, so stale buckets stop growing once they are about a quarter of
--- their group's fields, even if every request came from a new subject that
--- never came back; a request that only updates buckets the group holds
--- (the common case: a subject that keeps calling) samples nothing. On the server's clock the hash's
--- TTL is at least the time until its last bucket is full (each write
--- raises it, never lowers it, to the time until the written buckets are
--- full, rounded up to the millisecond and then some), so that an idle
--- group costs no memory and never expires before every bucket in it is
--- full anyway, under the limits it was written with. A later request with
+-- or a write deletes them: each request that adds buckets to a group
+-- first samples 4 of its fields per bucket added, at random (HRANDFIELD,
+-- on Redis 6.2 and later; on older servers nothing is sampled), and
+-- deletes those that are full by their class, before it writes. A bucket
+-- can only become stale once per time it was added, and each addition
+-- removes 4 / fields stale buckets on average, so stale buckets stop
+-- growing once they are about a quarter of their group's fields, even if
+-- every request came from a new subject that never came back; a request
+-- that only updates buckets the group holds (the common case: a subject
+-- that keeps calling) samples nothing. An empty sample also tells that
+-- the request creates the hash. On the server's clock the hash's TTL is
+-- at least the time until its last bucket is full: once per batch, after
+-- its last operation, the TTL of every hash the batch wrote to is raised,
+-- never lowered, to the longest time until full of the buckets the batch
+-- wrote to it, rounded up to the millisecond and then some (PEXPIRE for a
+-- hash the batch created, which has no TTL; otherwise PEXPIRE GT, on Redis
+-- 7.0 and later, which leaves a hash without a TTL so, and PTTL when that
+-- changed nothing on a hash the batch deleted fields of, which may have
+-- emptied it and created it again; on older servers PTTL and PEXPIRE), so
+-- that an idle group costs no memory and never expires before every
+-- bucket in it is full anyway, under the limits it was written with. A later request with
 -- a lower rate or a higher capacity finds a bucket that fills later than
 -- the hash expires or its class says, until its next write: such a bucket
 -- may be deleted before it is full, that is start full again. On a test
@@ -123,15 +130,22 @@
 -- whose holders all died disappears on its own.
 --
 -- Returns one reply per operation, in order:
---   take, adjust  {status, levels}: status is 1 if the charges were
+--   take, adjust  {status, state}: status is 1 if the charges were
 --                 written, 0 if the request was denied (nothing written),
 --                 and 2 if the request is a duplicate of one applied within
---                 its window (nothing written); levels is the n buckets'
---                 levels refilled to the present, before this request's
---                 charge, in order, each formatted with %.17g and separated
---                 by single spaces: one string, because Redis would truncate
---                 a Lua number to an integer and each string of a reply is
---                 an allocation for the client.
+--                 its window (nothing written); state is the present,
+--                 formatted with %.17g, and then the n buckets as they were
+--                 before this request's charge, in order, each after a
+--                 single space: "-" for a full bucket (no field), the
+--                 field's value as stored when it has a class (E's digits
+--                 and two of the class), and otherwise "=" and E formatted
+--                 with %.17g (which may be "inf"). The client computes each
+--                 level as this script does, min(capacity, (now - E) / 1e6
+--                 * rate), on the same float64 numbers, so it gets exactly
+--                 the levels the script decided on, while the script
+--                 formats no level: one string, because Redis would
+--                 truncate a Lua number to an integer and each string of a
+--                 reply is an allocation for the client.
 --   acquire       {acquired (1 or 0), in_use}: in_use is the number of live
 --                 leases after the decision.
 --   release       {0, 0}.
@@ -145,18 +159,21 @@
 -- first has succeeded (Redis refuses a script's writes for OOM only before
 -- its first one), so a batch is never left half-written.
 
+-- Every call of this script runs all of it, definitions included, so it
+-- keeps to few tables, closures and commands: operations are parsed into
+-- flat arrays, each with one pattern match per bucket, and a group's TTL is
+-- raised once per batch, at the end.
+
+local tonumber, match, format, huge = tonumber, string.match, string.format, math.huge
+
 local function fail(msg)
   return redis.error_reply('ERR connectlimit batch.lua: ' .. msg)
 end
 
--- number reads a finite number, or returns nil.
-local function number(s)
-  local v = tonumber(s)
-  -- v ~= v is true only for NaN.
-  if not v or v ~= v or v == math.huge or v == -math.huge then
-    return nil
-  end
-  return v
+-- finite reports whether v (a number or nil) is a finite number: v - v is
+-- 0 for those, and NaN for NaN and infinities.
+local function finite(v)
+  return v and v - v == 0
 end
 
 local nops = #ARGV - 1
@@ -167,65 +184,81 @@ end
 local server_clock = ARGV[1] == ''
 local now
 if not server_clock then
-  now = number(ARGV[1])
-  if not now then
+  now = tonumber(ARGV[1])
+  if not finite(now) then
     return fail('now is not a number: ' .. ARGV[1])
   end
 end
 
--- Parse and check every operation before running any.
-local ops = {}
-local nkeys = 0
+-- Parse and check every operation before running any. Operation i is
+-- okind[i], its first key KEYS[okey[i]], its window owin[i] (false without
+-- one), its buckets ofirst[i] to olast[i] of name, cap, rate and cost, or
+-- its lease arguments olease[i].
+local okind, okey, owin, ofirst, olast = {}, {}, {}, {}, {}
+local name, cap, rate, cost = {}, {}, {}, {}
+local olease
+local nkeys, nb = 0, 0
 for i = 1, nops do
-  local f = {}
-  for w in string.gmatch(ARGV[i + 1], '%S+') do
-    f[#f + 1] = w
-  end
-  local kind = f[1]
-  local op = {kind = kind, key = nkeys + 1}
+  local s = ARGV[i + 1]
+  local kind, p = match(s, '^(%S+)()')
+  okind[i], okey[i] = kind, nkeys + 1
   if kind == 'take' or kind == 'adjust' then
-    local n = (#f - 2) / 4
-    if n < 1 or n ~= math.floor(n) then
-      return fail('operation ' .. i .. ': ' .. kind .. ' wants a window and a name and 3 numbers per bucket, got '
-        .. (#f - 1) .. ' fields')
-    end
-    if f[2] ~= '-' then
-      op.window = number(f[2])
-      if not op.window or op.window <= 0 then
-        return fail('operation ' .. i .. ': window is not a positive number: ' .. f[2])
+    local w
+    w, p = match(s, '^ (%S+)()', p)
+    local first, len = nb + 1, #s
+    while w and p <= len do
+      local nm, c, r, x, q = match(s, '^ (%S+) (%S+) (%S+) (%S+)()', p)
+      if not nm then
+        break
       end
-    end
-    op.n, op.name, op.capacity, op.rate, op.cost = n, {}, {}, {}, {}
-    for j = 1, n do
-      local c, r, x = number(f[4 * j]), number(f[4 * j + 1]), number(f[4 * j + 2])
-      if not (c and r and x) then
+      c, r, x = tonumber(c), tonumber(r), tonumber(x)
+      local j = nb - first + 2
+      if not (finite(c) and finite(r) and finite(x)) then
         return fail('operation ' .. i .. ': bucket ' .. j .. ': capacity, rate or cost is not a number')
       end
       if not (c > 0 and r > 0) then
         return fail('operation ' .. i .. ': bucket ' .. j .. ': capacity and rate must be positive')
       end
-      op.name[j], op.capacity[j], op.rate[j], op.cost[j] = f[4 * j - 1], c, r, x
+      nb = nb + 1
+      name[nb], cap[nb], rate[nb], cost[nb] = nm, c, r, x
+      p = q
     end
-    nkeys = nkeys + 1
-    if op.window then
+    if not w or p <= len or nb < first then
+      local _, words = string.gsub(s, '%S+', '')
+      return fail('operation ' .. i .. ': ' .. kind .. ' wants a window and a name and 3 numbers per bucket, got '
+        .. (words - 1) .. ' fields')
+    end
+    ofirst[i], olast[i] = first, nb
+    owin[i] = false
+    if w ~= '-' then
+      local v = tonumber(w)
+      if not finite(v) or v <= 0 then
+        return fail('operation ' .. i .. ': window is not a positive number: ' .. w)
+      end
+      owin[i] = v
       nkeys = nkeys + 1
     end
+    nkeys = nkeys + 1
   elseif kind == 'acquire' then
-    op.limit, op.ttl, op.member = number(f[2]), number(f[3]), f[4]
-    if #f ~= 4 or not op.limit or op.limit < 1 or not op.ttl or op.ttl < 1 then
-      return fail('operation ' .. i .. ': acquire wants a limit and a ttl >= 1 and a member, got: ' .. ARGV[i + 1])
+    local l, t, m = match(s, '^acquire (%S+) (%S+) (%S+)$')
+    l, t = tonumber(l), tonumber(t)
+    if not (finite(l) and l >= 1 and finite(t) and t >= 1) then
+      return fail('operation ' .. i .. ': acquire wants a limit and a ttl >= 1 and a member, got: ' .. s)
     end
+    olease = olease or {}
+    olease[i] = {l, t, m}
     nkeys = nkeys + 1
   elseif kind == 'release' then
-    op.member = f[2]
-    if #f ~= 2 then
-      return fail('operation ' .. i .. ': release wants a member, got: ' .. ARGV[i + 1])
+    local m = match(s, '^release (%S+)$')
+    if not m then
+      return fail('operation ' .. i .. ': release wants a member, got: ' .. s)
     end
+    olease = olease or {}
+    olease[i] = {0, 0, m}
     nkeys = nkeys + 1
   else
     return fail('operation ' .. i .. ': unknown operation ' .. tostring(kind))
   end
-  ops[i] = op
 end
 if nkeys ~= #KEYS then
   return fail('the operations name ' .. nkeys .. ' keys, got ' .. #KEYS)
@@ -236,19 +269,12 @@ if server_clock then
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 
+-- now_shown is the present as bucket requests' replies give it.
+local now_shown = format('%.17g', now)
+
 -- The longest TTL set, in milliseconds (about 31,700 years): beyond it PX
 -- could overflow, and a bucket that far from full may as well stay.
 local max_ttl_ms = 1e15
-
--- read returns a string key's value, false if it is missing, or nil and an
--- error reply if it holds another type.
-local function read(key)
-  local v = redis.pcall('GET', key)
-  if type(v) == 'table' and v.err then
-    return nil, redis.error_reply(v.err .. ' (connectlimit batch.lua, key ' .. key .. ')')
-  end
-  return v
-end
 
 -- largest is the largest finite float64.
 local largest = 1.7976931348623157e308
@@ -257,120 +283,83 @@ local largest = 1.7976931348623157e308
 -- time to fill is beyond 2^98 microseconds (4e15 years).
 local never = 99
 
--- fill_class returns the fill class of a bucket of capacity c refilling at
--- r tokens per second: the least k >= 0 such that it fills from empty in
--- at most 2^k microseconds, or never.
-local function fill_class(c, r)
-  local t = c / r * 1e6
-  if not (t <= 2 ^ 98) then
-    return never
-  end
-  local k = math.max(0, math.ceil(math.log(t) / math.log(2)))
-  if 2 ^ k < t then
-    k = k + 1
-  elseif k > 0 and 2 ^ (k - 1) >= t then
-    k = k - 1
-  end
-  return k
-end
-
--- encode returns the value stored for a bucket whose empty instant is e
--- and whose fill class is k: the digits of e followed by two digits of k
--- while e is an integer of less than 2^53 in magnitude (Redis stores such
--- a value as a 64-bit integer while it fits one, which takes no more room
--- than e alone), and otherwise e in exponent form (or "inf"), which holds
--- no class: such a bucket, in debt for centuries, is never swept.
-local function encode(e, k)
-  if e > -2 ^ 53 and e < 2 ^ 53 then
-    return string.format('%.17g%02d', e, k)
-  end
-  return string.format('%.16e', e)
-end
-
--- decode returns the empty instant (nil if it is not a number) and the
--- fill class (nil if there is none) of a stored value.
-local function decode(v)
-  if string.find(v, '^%-?%d%d%d+$') then
-    return tonumber(string.sub(v, 1, -3)), tonumber(string.sub(v, -2))
-  end
-  return tonumber(v), nil
-end
-
 -- samples is how many fields of a group a write samples for full buckets
 -- to delete, per bucket it adds to the group.
 local samples = 4
 
--- sweep deletes the full buckets among count fields of the group hash at
--- key, sampled at random: a bucket whose empty instant E is at least
--- 2^k microseconds in the past, k being its fill class, is full under the
--- limits it was written with. A value without a class, or that is not a
--- number, is left alone. HRANDFIELD needs Redis 6.2: on an older server
--- nothing is sampled, and full buckets other than the request's own stay
--- until the group expires.
-local function sweep(key, count)
-  local sample = redis.pcall('HRANDFIELD', key, count, 'WITHVALUES')
-  if type(sample) ~= 'table' or sample.err then
-    return
-  end
-  local gone = {}
-  for i = 1, #sample - 1, 2 do
-    local e, k = decode(sample[i + 1])
-    if e and k and k < never and now - e >= 2 ^ k then
-      gone[#gone + 1] = sample[i]
-    end
-  end
-  if #gone > 0 then
-    redis.call('HDEL', key, unpack(gone))
-  end
-end
+-- On the server's clock, ttl[key] is the longest time until full, in
+-- milliseconds, of the buckets the batch wrote to the group hash at key,
+-- keys lists those keys in order, fresh[key] is true if the batch created
+-- the hash (so it has no TTL yet), and deleted[key] is true if the batch
+-- deleted fields of it (so it may have emptied it, which deletes it, and
+-- then created it again unawares).
+local ttl, fresh, deleted, keys, nttl = {}, {}, {}, {}, 0
 
-local function bucket_request(op)
-  local n, key = op.n, KEYS[op.key]
+-- scratch holds the arguments of one HSET or HDEL.
+local scratch = {}
+
+local function bucket_request(i)
+  local key, first, last = KEYS[okey[i]], ofirst[i], olast[i]
+  local take = okind[i] == 'take'
   -- One read for all of the request's buckets; a key of another type
   -- fails this operation alone.
-  local stored = redis.pcall('HMGET', key, unpack(op.name))
+  local stored = redis.pcall('HMGET', key, unpack(name, first, last))
   if stored.err then
     return redis.error_reply(stored.err .. ' (connectlimit batch.lua, key ' .. key .. ')')
   end
   local level = {}
   local allowed = true
-  for j = 1, n do
-    local c, r, x = op.capacity[j], op.rate[j], op.cost[j]
+  local levels
+  for b = first, last do
+    local j = b - first + 1
+    local c, r, x = cap[b], rate[b], cost[b]
     local tokens = c
-    if stored[j] then
-      -- E is finite, or +inf for a debt beyond the float64 range; -inf
-      -- would be a full bucket, which is never stored.
-      local e = decode(stored[j])
-      if not e or e ~= e or e == -math.huge then
-        return fail('malformed bucket value at key ' .. key .. ', field ' .. op.name[j])
+    local v = stored[j]
+    -- shown is what the reply says of the bucket: "-" when it is full,
+    -- else its value as stored when that has a class, else "=" and E.
+    local shown = '-'
+    if v then
+      -- The value is E's digits and two of the class, or E alone (see
+      -- above). E is finite, or +inf for a debt beyond the float64
+      -- range; -inf would be a full bucket, which is never stored.
+      local digits = match(v, '^(%-?%d+)%d%d$')
+      local e = tonumber(digits or v)
+      if not e or e ~= e or e == -huge then
+        return fail('malformed bucket value at key ' .. key .. ', field ' .. name[b])
+      end
+      if digits then
+        shown = v
+      else
+        shown = '=' .. format('%.17g', e)
       end
       -- A clock that stepped back (now < the last write) shows less than
       -- was stored: it never shows more.
       tokens = math.min((now - e) / 1e6 * r, c)
     end
     level[j] = tokens
+    if levels then
+      levels = levels .. ' ' .. shown
+    else
+      levels = now_shown .. ' ' .. shown
+    end
 
     -- bucket.Decide: a cost over capacity is never affordable; otherwise
     -- allow when the level covers the cost, up to a relative tolerance of
     -- 1e-9 that absorbs floating-point noise.
-    if op.kind == 'take' and (x > c or tokens - x < -1e-9 * math.max(1, x)) then
+    if take and (x > c or tokens - x < -1e-9 * math.max(1, x)) then
       allowed = false
     end
   end
-
-  local formatted = {}
-  for j = 1, n do
-    formatted[j] = string.format('%.17g', level[j])
-  end
-  local reply = {0, table.concat(formatted, ' ')}
+  local reply = {0, levels}
 
   -- The ID is checked before the decision counts: a duplicate is reported as
   -- such even if its buckets could not pay now.
-  local marker = op.window and KEYS[op.key + 1]
+  local window = owin[i]
+  local marker = window and KEYS[okey[i] + 1]
   if marker then
-    local v, err = read(marker)
-    if err then
-      return err
+    local v = redis.pcall('GET', marker)
+    if type(v) == 'table' and v.err then
+      return redis.error_reply(v.err .. ' (connectlimit batch.lua, key ' .. marker .. ')')
     end
     if v then
       local expires = tonumber(v)
@@ -388,24 +377,28 @@ local function bucket_request(op)
     return reply
   end
 
-  local set, full = {}, {}
-  -- ttl is the longest time until full of the written buckets, in
-  -- milliseconds; added counts the buckets the group did not hold.
-  local ttl = 0
-  local added = 0
-  for j = 1, n do
-    local c, r = op.capacity[j], op.rate[j]
-    local after = level[j] - op.cost[j]
-    if op.kind == 'adjust' then
+  -- nset counts the values to write (in scratch, field then value),
+  -- nfull the stored buckets that end full (after them), added the
+  -- written buckets the group did not hold; need is the longest time
+  -- until full of the written buckets, in milliseconds.
+  local nset, nfull, added, need = 0, 0, 0, 0
+  local full
+  for b = first, last do
+    local j = b - first + 1
+    local c, r, x = cap[b], rate[b], cost[b]
+    local after = level[j] - x
+    if not take then
       -- A refund never lifts a bucket above capacity.
       after = math.min(after, c)
     end
     if after >= c then
       -- A full bucket is not stored.
       if stored[j] then
-        full[#full + 1] = op.name[j]
+        full = full or {}
+        nfull = nfull + 1
+        full[nfull] = name[b]
       end
-    elseif op.cost[j] ~= 0 then
+    elseif x ~= 0 then
       -- (A zero cost leaves the level, and so E, as it is.) q is the level
       -- in microseconds of refill, rounded down, so that the stored level
       -- is never above the exact one by more than float64 rounding and is
@@ -413,13 +406,37 @@ local function bucket_request(op)
       -- a level that is a whole number of microseconds, but came out of
       -- the division a hair below it, exact.
       local q = after / r * 1e6
-      if q > -math.huge and q < math.huge then
+      if q > -huge and q < huge then
         q = math.floor(q + math.abs(q) * 2 ^ -51)
       end
       -- +inf would make E -inf, a full bucket; -inf makes E +inf.
       q = math.min(q, largest)
-      set[#set + 1] = op.name[j]
-      set[#set + 1] = encode(now - q, fill_class(c, r))
+      local e = now - q
+      -- The fill class: the least k >= 0 such that 2^k >= t, the time to
+      -- fill from empty in microseconds (t = m * 2^k with 0.5 <= m < 1,
+      -- so 2^k >= t, and 2^(k-1) >= t only when m is 0.5).
+      local t, k = c / r * 1e6, never
+      if t <= 2 ^ 98 then
+        local m
+        m, k = math.frexp(t)
+        if m == 0.5 then
+          k = k - 1
+        end
+        if k < 0 then
+          k = 0
+        end
+      end
+      nset = nset + 2
+      scratch[nset - 1] = name[b]
+      if e > -2 ^ 53 and e < 2 ^ 53 then
+        -- E's digits and two of the class: Redis keeps such a value as a
+        -- 64-bit integer while it fits one.
+        scratch[nset] = format('%d%02d', e, k)
+      else
+        -- Beyond, E in exponent form (or "inf"), with no class: such a
+        -- bucket, in debt for centuries, is never swept.
+        scratch[nset] = format('%.16e', e)
+      end
       if not stored[j] then
         added = added + 1
       end
@@ -430,31 +447,66 @@ local function bucket_request(op)
       if ms ~= ms or ms > max_ttl_ms then
         ms = max_ttl_ms
       end
-      ttl = math.max(ttl, ms)
-    end
-  end
-  if #full > 0 then
-    redis.call('HDEL', key, unpack(full))
-  end
-  if #set > 0 then
-    redis.call('HSET', key, unpack(set))
-    -- The hash lives until its last bucket is full: raise its TTL, never
-    -- lower it, since other buckets of the subject may need it longer.
-    if server_clock then
-      local pttl = redis.call('PTTL', key)
-      if pttl < ttl then
-        redis.call('PEXPIRE', key, string.format('%.0f', ttl))
+      if ms > need then
+        need = ms
       end
     end
   end
   if added > 0 then
-    -- A write that adds buckets to the group also sweeps a few others.
-    sweep(key, samples * added)
+    -- A write that adds buckets to the group first sweeps a few others:
+    -- it samples fields at random (HRANDFIELD, Redis 6.2 and later) and
+    -- deletes those that are full by their class (a bucket whose E is
+    -- 2^k µs or more in the past, k being its class). A value without a
+    -- class, or that is not a number, is left alone. An empty sample
+    -- means the hash does not exist, so the write creates it.
+    local count = samples * added
+    local sample = redis.pcall('HRANDFIELD', key, count, 'WITHVALUES')
+    if type(sample) == 'table' and not sample.err then
+      local ns = #sample / 2
+      local gone
+      local ngone = 0
+      for s = 2, #sample, 2 do
+        local e, k = match(sample[s], '^(%-?%d+)(%d%d)$')
+        e, k = tonumber(e), tonumber(k)
+        if e and k and k < never and now - e >= 2 ^ k then
+          gone = gone or {}
+          ngone = ngone + 1
+          gone[ngone] = sample[s - 1]
+        end
+      end
+      if ngone > 0 then
+        redis.call('HDEL', key, unpack(gone, 1, ngone))
+        deleted[key] = true
+      end
+      -- A sample smaller than asked for is every field of the hash.
+      if ns == 0 or (ngone == ns and ns < count) then
+        fresh[key] = true
+      end
+    end
+  end
+  if nfull > 0 then
+    redis.call('HDEL', key, unpack(full, 1, nfull))
+    deleted[key] = true
+  end
+  if nset > 0 then
+    redis.call('HSET', key, unpack(scratch, 1, nset))
+    -- The hash lives until its last bucket is full: its TTL is raised,
+    -- never lowered, once for the whole batch (see below).
+    if server_clock then
+      local had = ttl[key]
+      if not had then
+        nttl = nttl + 1
+        keys[nttl] = key
+        ttl[key] = need
+      elseif need > had then
+        ttl[key] = need
+      end
+    end
   end
   if marker then
-    local expires = string.format('%.0f', now + op.window)
+    local expires = format('%.0f', now + window)
     if server_clock then
-      redis.call('SET', marker, expires, 'PX', string.format('%.0f', math.ceil(op.window / 1000)))
+      redis.call('SET', marker, expires, 'PX', format('%.0f', math.ceil(window / 1000)))
     else
       redis.call('SET', marker, expires)
     end
@@ -465,8 +517,8 @@ end
 
 -- lease_set returns an operation's lease set key, or nil and an error reply
 -- if the key holds something other than a sorted set.
-local function lease_set(op)
-  local key = KEYS[op.key]
+local function lease_set(i)
+  local key = KEYS[okey[i]]
   local kind = redis.call('TYPE', key)['ok']
   if kind ~= 'zset' and kind ~= 'none' then
     return nil, redis.error_reply('WRONGTYPE connectlimit batch.lua: lease set at key ' .. key .. ' is a ' .. tostring(kind))
@@ -474,17 +526,18 @@ local function lease_set(op)
   return key
 end
 
-local function acquire(op)
-  local key, err = lease_set(op)
+local function acquire(i)
+  local key, err = lease_set(i)
   if err then
     return err
   end
+  local limit, lease_ttl, member = olease[i][1], olease[i][2], olease[i][3]
   -- A lease whose expiry is now or earlier has ended.
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%.0f', now))
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', format('%.0f', now))
 
   local acquired = 0
-  if redis.call('ZSCORE', key, op.member) or redis.call('ZCARD', key) < op.limit then
-    redis.call('ZADD', key, string.format('%.0f', now + op.ttl), op.member)
+  if redis.call('ZSCORE', key, member) or redis.call('ZCARD', key) < limit then
+    redis.call('ZADD', key, format('%.0f', now + lease_ttl), member)
     acquired = 1
   end
   local in_use = redis.call('ZCARD', key)
@@ -496,30 +549,64 @@ local function acquire(op)
     if ms < 1 then
       ms = 1
     end
-    redis.call('PEXPIRE', key, string.format('%.0f', ms))
+    redis.call('PEXPIRE', key, format('%.0f', ms))
   end
   return {acquired, in_use}
 end
 
-local function release(op)
-  local key, err = lease_set(op)
+local function release(i)
+  local key, err = lease_set(i)
   if err then
     return err
   end
   -- Redis deletes a sorted set once it is empty.
-  redis.call('ZREM', key, op.member)
+  redis.call('ZREM', key, olease[i][3])
   return {0, 0}
 end
 
 local replies = {}
 for i = 1, nops do
-  local op = ops[i]
-  if op.kind == 'acquire' then
-    replies[i] = acquire(op)
-  elseif op.kind == 'release' then
-    replies[i] = release(op)
+  local kind = okind[i]
+  if kind == 'acquire' then
+    replies[i] = acquire(i)
+  elseif kind == 'release' then
+    replies[i] = release(i)
   else
-    replies[i] = bucket_request(op)
+    replies[i] = bucket_request(i)
+  end
+end
+
+-- Raise the TTL of every group hash the batch wrote to, never lowering it,
+-- to the longest time until full of the buckets written to it. A hash the
+-- batch created has no TTL: PEXPIRE sets it. Otherwise PEXPIRE GT (Redis
+-- 7.0) raises it in one command. GT treats a hash without a TTL as one
+-- that never expires, so it leaves it so: the batch's writes need no TTL
+-- there, since every hash this script writes gets one, except one made
+-- persistent by hand (or written on a test clock). But a batch that
+-- deleted fields of a hash may have deleted it and created it again,
+-- without a TTL: when GT changes nothing there, PTTL tells whether the
+-- hash still needs one. On an older server, which refuses GT, PTTL and
+-- PEXPIRE do it all.
+local gt = true
+for n = 1, nttl do
+  local key = keys[n]
+  local ms = format('%d', ttl[key])
+  if fresh[key] then
+    redis.call('PEXPIRE', key, ms)
+  else
+    local raised = 0
+    if gt then
+      raised = redis.pcall('PEXPIRE', key, ms, 'GT')
+      if type(raised) == 'table' then
+        gt, raised = false, 0
+      end
+    end
+    if raised == 0 and (deleted[key] or not gt) then
+      local pttl = redis.call('PTTL', key)
+      if pttl ~= -2 and pttl < ttl[key] then
+        redis.call('PEXPIRE', key, ms)
+      end
+    end
   end
 end
 return replies

@@ -8,10 +8,12 @@ import (
 	"maps"
 	"net"
 	"os"
+	"regexp"
 	"slices"
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/redis/go-redis/v9"
 
@@ -101,13 +103,15 @@ func TestBatchScriptReplies(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// A bucket request's reply has the present (1 s) and each bucket as
+	// it was: "-" when full, else its stored value.
 	wantReplies := []string{
-		"[1 5]",
-		"[0 3]",
-		"[1 3]",
-		"[2 3]",
-		"[1 3]",
-		"[1 3 2.5 7]",
+		"[1 1000000 -]",
+		"[0 1000000 -200000023]",
+		"[1 1000000 -]",
+		"[2 1000000 -200000023]",
+		"[1 1000000 -200000023]",
+		"[1 1000000 -200000023 -150000022 -]",
 		"ERR connectlimit batch.lua: malformed bucket value at key r:{a}, field bad",
 		"[1 1]",
 		"[0 1]",
@@ -122,6 +126,28 @@ func TestBatchScriptReplies(t *testing.T) {
 	}
 	if _, ok := reply[6].(redis.Error); !ok {
 		t.Fatalf("reply 6 is a %T, want a redis.Error", reply[6])
+	}
+	// The levels the client reads from them, before each charge.
+	b, c, d := bucket.Limit{Capacity: 5, RefillPerSecond: 1}, bucket.Limit{Capacity: 3, RefillPerSecond: 1}, bucket.Limit{Capacity: 7, RefillPerSecond: 1}
+	for i, want := range []struct {
+		limits []bucket.Limit
+		levels []float64
+	}{
+		{[]bucket.Limit{b}, []float64{5}},
+		{[]bucket.Limit{b}, []float64{3}},
+		{[]bucket.Limit{c}, []float64{3}},
+		{[]bucket.Limit{b}, []float64{3}},
+		{[]bucket.Limit{b}, []float64{3}},
+		{[]bucket.Limit{b, c, d}, []float64{3, 2.5, 7}},
+	} {
+		charges := make([]bucket.Charge, len(want.limits))
+		for j, l := range want.limits {
+			charges[j].Limit = l
+		}
+		levels := make([]float64, len(charges))
+		if _, err := parseReply(reply[i], charges, levels); err != nil || !slices.Equal(levels, want.levels) {
+			t.Errorf("reply %d: levels %v, %v; want %v", i, levels, err, want.levels)
+		}
 	}
 	// The stored state: b and c hold their empty instants, the present
 	// (1 s) less their levels (3 and 2.5 tokens, at 1 token per second), in
@@ -224,5 +250,117 @@ func TestGroups(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestBatchScriptRaisesTTLOncePerBatch checks the TTL batch.lua leaves on
+// group hashes on the server's clock, raised once per batch: set on a hash
+// the batch creates (found missing, or emptied by the sweep, or perhaps
+// emptied), raised and never lowered on one that has a TTL, left alone on
+// one that has none (made persistent by hand), and the longest any
+// operation of the batch needs; with one command per hash, but for a hash
+// the batch deleted fields of, where PTTL follows when PEXPIRE GT changed
+// nothing.
+func TestBatchScriptRaisesTTLOncePerBatch(t *testing.T) {
+	t.Parallel()
+	client := redistest.Start(t).NewClient(t)
+	ctx := t.Context()
+	const (
+		created = "x:{g/1}"
+		short   = "x:{g/2}"
+		long    = "x:{g/3}"
+		noTTL   = "x:{g/4}"
+		twice   = "x:{g/5}"
+		// All four of swept's buckets are full by their class: the sweep
+		// of 4 samples deletes them all, and so the hash, which the write
+		// creates again; emptied's one bucket too.
+		swept   = "x:{g/6}"
+		emptied = "x:{g/7}"
+	)
+	// A stranger's bucket that is not full (E far ahead), so that no sweep
+	// deletes it; and stale ones, full (E = 1 µs, class 0).
+	const stranger, debt, stale = "other/b", "9999999999999999923", "100"
+	setup := map[string][]any{
+		short:   {stranger, debt},
+		long:    {stranger, debt},
+		noTTL:   {stranger, debt},
+		swept:   {"o1/b", stale, "o2/b", stale, "o3/b", stale, "o4/b", stale},
+		emptied: {"o1/b", stale},
+	}
+	for key, fields := range setup {
+		if err := client.HSet(ctx, key, fields...).Err(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for key, d := range map[string]time.Duration{short: 100 * time.Millisecond, long: time.Hour, swept: time.Hour, emptied: time.Hour} {
+		if err := client.PExpire(ctx, key, d).Err(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := client.ConfigResetStat(ctx).Err(); err != nil {
+		t.Fatal(err)
+	}
+	keys := []string{created, short, long, noTTL, twice, twice, swept, emptied}
+	// Buckets of 10 tokens at 1 token per second: taking 2 leaves 8, full
+	// in 2 s; taking 5 leaves 5, full in 5 s.
+	args := []any{"",
+		"take - a/b 10 1 2",
+		"take - a/b 10 1 2",
+		"take - a/b 10 1 2",
+		"take - a/b 10 1 2",
+		"take - a/b 10 1 5",
+		"take - c/b 10 1 2",
+		"take - a/b 10 1 2",
+		"take - a/b 10 1 2",
+	}
+	reply, err := batchScript.Run(ctx, client, keys, args...).Slice()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, r := range reply {
+		if got := fmt.Sprint(r); !strings.HasPrefix(got, "[1 ") {
+			t.Fatalf("reply %d: %v, want applied", i, got)
+		}
+	}
+	// One TTL command per hash the batch wrote to (PEXPIRE for created,
+	// twice and emptied, PEXPIRE GT for the others), and for swept, which
+	// the batch deleted fields of, PTTL and PEXPIRE after GT.
+	stats, err := client.Info(ctx, "commandstats").Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for cmd, want := range map[string]int{"time": 1, "pexpire": 8, "pttl": 1} {
+		m := regexp.MustCompile(`(?m)^cmdstat_` + cmd + `:calls=(\d+),`).FindStringSubmatch(stats)
+		if m == nil || m[1] != fmt.Sprint(want) {
+			t.Errorf("%s calls: %v, want %d", cmd, m, want)
+		}
+	}
+	for _, tc := range []struct {
+		key  string
+		want time.Duration
+	}{
+		{created, 2 * time.Second},
+		{short, 2 * time.Second},
+		{long, time.Hour},
+		{noTTL, -1},
+		// The longest the batch's operations on it need.
+		{twice, 5 * time.Second},
+		{swept, 2 * time.Second},
+		{emptied, 2 * time.Second},
+	} {
+		got, err := client.PTTL(ctx, tc.key).Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got > tc.want+2*time.Millisecond || got < tc.want-500*time.Millisecond {
+			t.Errorf("PTTL %s = %v, want about %v", tc.key, got, tc.want)
+		}
+	}
+	for key, want := range map[string][]string{noTTL: {"a/b", stranger}, swept: {"a/b"}, emptied: {"a/b"}} {
+		got, err := client.HKeys(ctx, key).Result()
+		slices.Sort(got)
+		if err != nil || !slices.Equal(got, want) {
+			t.Errorf("HKEYS %s = %q, %v; want %q", key, got, err, want)
+		}
 	}
 }

@@ -3,8 +3,12 @@ package redisstore_test
 import (
 	"context"
 	"fmt"
+	"regexp"
+	"strconv"
 	"sync/atomic"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/redis/go-redis/v9"
 
@@ -42,6 +46,7 @@ func BenchmarkTakeParallel(b *testing.B) {
 						b.Fatal(err)
 					}
 					var callers atomic.Int64
+					cpu := startCPU(b, client)
 					b.ReportAllocs()
 					// Many callers per core, as in a server: one call at a
 					// time per core would measure round trips, not
@@ -61,6 +66,7 @@ func BenchmarkTakeParallel(b *testing.B) {
 						}
 					})
 					b.StopTimer()
+					cpu.report(b)
 					stats, err := client.Info(context.Background(), "commandstats").Result()
 					if err != nil {
 						b.Fatal(err)
@@ -78,4 +84,99 @@ func BenchmarkTakeParallel(b *testing.B) {
 			}
 		}
 	}
+}
+
+// BenchmarkTakeSerial measures Take with one caller at a time, over many
+// subjects: the latency of light traffic, where every call is a batch of
+// its own.
+func BenchmarkTakeSerial(b *testing.B) {
+	srv := redistest.Start(b)
+	client := srv.NewClient(b, func(o *redis.Options) { o.ContextTimeoutEnabled, o.MaxRetries, o.DialerRetries = true, -1, 1 })
+	s := redisstore.New(client, redisstore.WithKeyPrefix("serial"))
+	charges := []bucket.Charge{charge("b", 1e12, 1e6, 1)}
+	subjects := make([]string, 1<<16)
+	for i := range subjects {
+		subjects[i] = fmt.Sprint("user:", i)
+	}
+	ctx := context.Background()
+	if _, err := s.Take(ctx, bucket.Request{Subject: "warmup", Charges: charges}); err != nil {
+		b.Fatal(err)
+	}
+	cpu := startCPU(b, client)
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; b.Loop(); i++ {
+		if _, err := s.Take(ctx, bucket.Request{Subject: subjects[i%len(subjects)], Charges: charges}); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.StopTimer()
+	cpu.report(b)
+}
+
+// cpuUse is the CPU time used so far by this process and by the Redis
+// server, so that a benchmark can report both per operation: on a shared
+// machine they vary less than the time per operation does.
+type cpuUse struct {
+	client redis.UniversalClient
+	self   time.Duration
+	server float64
+	cmds   int64
+}
+
+// redisCPU matches the CPU times of INFO cpu, in seconds.
+var redisCPU = regexp.MustCompile(`(?m)^used_cpu_(?:sys|user):([0-9.]+)`)
+
+// redisCalls matches the call counts of INFO commandstats.
+var redisCalls = regexp.MustCompile(`(?m)^cmdstat_[^:]+:calls=(\d+),`)
+
+func startCPU(b *testing.B, client redis.UniversalClient) *cpuUse {
+	b.Helper()
+	c := &cpuUse{client: client}
+	c.self, c.server, c.cmds = c.read(b)
+	return c
+}
+
+// read returns this process's CPU time, the server's in seconds and how
+// many commands the server ran.
+func (c *cpuUse) read(b *testing.B) (time.Duration, float64, int64) {
+	b.Helper()
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		b.Fatal(err)
+	}
+	self := time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+	info, err := c.client.Info(context.Background(), "cpu", "commandstats").Result()
+	if err != nil {
+		b.Fatal(err)
+	}
+	var server float64
+	for _, m := range redisCPU.FindAllStringSubmatch(info, -1) {
+		v, err := strconv.ParseFloat(m[1], 64)
+		if err != nil {
+			b.Fatal(err)
+		}
+		server += v
+	}
+	var cmds int64
+	for _, m := range redisCalls.FindAllStringSubmatch(info, -1) {
+		v, err := strconv.ParseInt(m[1], 10, 64)
+		if err != nil {
+			b.Fatal(err)
+		}
+		cmds += v
+	}
+	return self, server, cmds
+}
+
+// report reports the client's and the server's CPU time and the server's
+// commands (scripts and the commands they ran, and INFO) per operation
+// since startCPU.
+func (c *cpuUse) report(b *testing.B) {
+	b.Helper()
+	self, server, cmds := c.read(b)
+	n := float64(b.N)
+	b.ReportMetric(float64(self-c.self)/float64(time.Microsecond)/n, "client-µs/op")
+	b.ReportMetric((server-c.server)*1e6/n, "redis-µs/op")
+	b.ReportMetric(float64(cmds-c.cmds-1)/n, "redis-cmds/op")
 }

@@ -25,6 +25,11 @@ const maxBatchLimit = 4096
 // other travels) without spreading a burst over many small batches.
 const maxInFlight = 2
 
+// linger is how long a Store's goroutine waits for the next batch once the
+// queue is empty before it exits: long enough that a caller making call
+// after call reuses it, short enough that an idle Store soon has none.
+const linger = 10 * time.Millisecond
+
 // DefaultGroups is how many group hashes a [Store] spreads subjects over,
 // unless set with [WithGroups]: 65,536, enough for about four million
 // buckets that are not full (64 per group) before groups outgrow Redis's

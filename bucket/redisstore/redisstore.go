@@ -133,8 +133,10 @@ var (
 // leases live in Redis. Create one with [New]; the zero Store is not
 // usable. It is safe for concurrent use, and any number of Stores, in any
 // number of processes, may share one Redis: each operation is atomic on the
-// server. A Store starts a goroutine only while it has batches in flight,
-// so it needs no Close, and an idle one costs nothing. It is not
+// server. A Store runs a goroutine only while it has batches in flight,
+// and for 10 milliseconds after its last one (so that a caller making call
+// after call reuses it instead of starting one per call), so it needs no
+// Close, and one idle for longer costs nothing. It is not
 // [bucket.InProcess]: a reply can be lost on the network, so it remembers
 // request IDs (see [Store.Take]).
 //
@@ -181,8 +183,14 @@ type Store struct {
 	// queue holds the operations waiting for a batch, oldest first.
 	queue []*op
 	// inFlight counts the batches sent and not yet answered, each with a
-	// goroutine (run) that exists only until the queue is empty.
+	// goroutine (run) that sends batches until the queue is empty.
 	inFlight int
+	// idle counts the goroutines (run) waiting for a batch on wake, at
+	// most linger, less those a batch is already on its way to.
+	idle int
+	// wake hands a batch to a waiting goroutine. It has room for
+	// maxInFlight batches, so that a send on it never blocks.
+	wake chan []*op
 }
 
 // New returns a Store that keeps its buckets and leases in client's Redis.
@@ -212,6 +220,7 @@ func New(client redis.UniversalClient, opts ...Option) *Store {
 		groupCount: cfg.groups,
 		now:        cfg.now,
 		routing:    routeTag,
+		wake:       make(chan []*op, maxInFlight),
 	}
 	switch c := client.(type) {
 	case *redis.Client:
@@ -291,7 +300,7 @@ func (s *Store) Take(ctx context.Context, req bucket.Request) (bucket.Decision, 
 	// The levels live on the stack: Decide reads them and keeps nothing.
 	var buf [bucket.MaxCharges]float64
 	levels := buf[:len(req.Charges)]
-	got, err := parseReply(reply, levels)
+	got, err := parseReply(reply, req.Charges, levels)
 	if err != nil {
 		return bucket.Decision{}, fmt.Errorf("redisstore: take: %w: %w", bucket.ErrOutcomeUnknown, err)
 	}
@@ -377,9 +386,11 @@ const (
 )
 
 // parseReply checks batch.lua's reply to a bucket request, {verdict (0, 1
-// or 2), levels}, with the levels as decimal numbers separated by single
-// spaces in one string, and reads len(levels) of them into levels.
-func parseReply(r any, levels []float64) (verdict, error) {
+// or 2), state}, where state is "<now> <bucket_1> ... <bucket_n>", single
+// spaces apart, and reads into levels[i] the level of charges[i]'s bucket
+// before the request, computed as batch.lua computes it (see level), for
+// len(levels) buckets.
+func parseReply(r any, charges []bucket.Charge, levels []float64) (verdict, error) {
 	reply, ok := r.([]any)
 	if !ok {
 		return denied, fmt.Errorf("malformed script reply: %T, want an array", r)
@@ -393,21 +404,71 @@ func parseReply(r any, levels []float64) (verdict, error) {
 	}
 	str, ok := reply[1].(string)
 	if !ok {
-		return denied, fmt.Errorf("malformed script reply: levels are %T, want a string", reply[1])
+		return denied, fmt.Errorf("malformed script reply: bucket state is %T, want a string", reply[1])
+	}
+	field, str, found := strings.Cut(str, " ")
+	now, err := strconv.ParseFloat(field, 64)
+	if !found || err != nil || math.IsNaN(now) || math.IsInf(now, 0) {
+		return denied, fmt.Errorf("malformed script reply: bucket state %q, want the present and %d buckets", reply[1], len(levels))
 	}
 	n := len(levels)
 	for i := range n {
-		field, rest, found := strings.Cut(str, " ")
+		field, str, found = strings.Cut(str, " ")
 		if found == (i == n-1) {
-			return denied, fmt.Errorf("malformed script reply: levels %q, want %d numbers", reply[1], n)
+			return denied, fmt.Errorf("malformed script reply: bucket state %q, want the present and %d buckets", reply[1], n)
 		}
-		v, err := strconv.ParseFloat(field, 64)
-		if err != nil || math.IsNaN(v) {
-			return denied, fmt.Errorf("malformed script reply: level %d is %q, want a number", i, field)
+		l, ok := level(field, now, charges[i].Limit)
+		if !ok {
+			return denied, fmt.Errorf("malformed script reply: bucket %d is %q, want \"-\", a stored value or \"=\" and a number", i, field)
 		}
-		levels[i], str = v, rest
+		levels[i] = l
 	}
 	return verdict(flag), nil
+}
+
+// level returns the level at now of a bucket of limit lim as batch.lua
+// shows it: "-" (full), a stored value with a class (the digits of its
+// empty instant E and two digits of class) or "=" and E. It computes it as
+// batch.lua does, min(capacity, (now - E) / 1e6 * rate), with the same
+// float64 operations on the same numbers (E read as Lua's tonumber reads
+// it, correctly rounded), so that it is the level the script decided on.
+func level(shown string, now float64, lim bucket.Limit) (float64, bool) {
+	if shown == "-" {
+		return lim.Capacity, true
+	}
+	var digits string
+	switch {
+	case strings.HasPrefix(shown, "="):
+		digits = shown[1:]
+	case len(shown) >= 3 && allDigits(strings.TrimPrefix(shown, "-")):
+		digits = shown[:len(shown)-2]
+	default:
+		return 0, false
+	}
+	e, err := strconv.ParseFloat(digits, 64)
+	if err != nil || math.IsNaN(e) || math.IsInf(e, -1) {
+		return 0, false
+	}
+	l := (now - e) / 1e6 * lim.RefillPerSecond
+	// Lua's math.min(l, capacity) is l unless capacity < l.
+	if lim.Capacity < l {
+		l = lim.Capacity
+	}
+	return l, true
+}
+
+// allDigits reports whether s is at least three decimal digits and
+// nothing else.
+func allDigits(s string) bool {
+	if len(s) < 3 {
+		return false
+	}
+	for i := range len(s) {
+		if s[i] < '0' || s[i] > '9' {
+			return false
+		}
+	}
+	return true
 }
 
 // Acquire implements [bucket.LeaseStore]: in one script run on the server's

@@ -5,10 +5,16 @@ import (
 	"math"
 	"strings"
 	"testing"
+
+	"github.com/connectlimit/connectlimit/bucket"
 )
 
 func TestParseReply(t *testing.T) {
 	t.Parallel()
+	// Buckets of 10 tokens refilling at 1 token per second, read at 1 s:
+	// a bucket whose empty instant is E µs holds (1e6 - E) / 1e6 tokens, at
+	// most 10.
+	lim := bucket.Limit{Capacity: 10, RefillPerSecond: 1}
 	for _, tc := range []struct {
 		name        string
 		reply       any
@@ -17,31 +23,44 @@ func TestParseReply(t *testing.T) {
 		wantLevels  []float64
 		wantErr     string
 	}{
-		{name: "applied", reply: []any{int64(1), "2.5 -0.25"}, n: 2, wantVerdict: applied, wantLevels: []float64{2.5, -0.25}},
-		{name: "denied", reply: []any{int64(0), "0.10000000000000001"}, n: 1, wantVerdict: denied, wantLevels: []float64{0.1}},
-		{name: "duplicate", reply: []any{int64(2), "-3 7 1e+15"}, n: 3, wantVerdict: duplicate, wantLevels: []float64{-3, 7, 1e15}},
-		{name: "debt beyond float range", reply: []any{int64(1), "-inf"}, n: 1, wantVerdict: applied, wantLevels: []float64{math.Inf(-1)}},
+		{name: "applied", reply: []any{int64(1), "1000000 -50000023 =1250000"}, n: 2, wantVerdict: applied, wantLevels: []float64{1.5, -0.25}},
+		{name: "denied", reply: []any{int64(0), "1000000 90000023"}, n: 1, wantVerdict: denied, wantLevels: []float64{0.1}},
+		{name: "duplicate", reply: []any{int64(2), "1000000 400000023 - =-1e+300"}, n: 3, wantVerdict: duplicate, wantLevels: []float64{-3, 10, 10}},
+		{name: "full", reply: []any{int64(1), "1000000 -"}, n: 1, wantVerdict: applied, wantLevels: []float64{10}},
+		{name: "refilled beyond capacity", reply: []any{int64(1), "1000000 -2000000000023"}, n: 1, wantVerdict: applied, wantLevels: []float64{10}},
+		{name: "class digits only", reply: []any{int64(1), "1000000 523"}, n: 1, wantVerdict: applied, wantLevels: []float64{0.999995}},
+		{name: "debt beyond float range", reply: []any{int64(1), "1000000 =inf"}, n: 1, wantVerdict: applied, wantLevels: []float64{math.Inf(-1)}},
 		{name: "too short", reply: []any{int64(1)}, n: 1, wantErr: "1 elements, want 2"},
 		{name: "too long", reply: []any{int64(1), "1", "2"}, n: 1, wantErr: "3 elements, want 2"},
-		{name: "verdict not integer", reply: []any{"1", "1"}, n: 1, wantErr: "verdict is string"},
-		{name: "verdict out of range", reply: []any{int64(3), "1"}, n: 1, wantErr: "verdict is int64 3"},
-		{name: "verdict negative", reply: []any{int64(-1), "1"}, n: 1, wantErr: "verdict is int64 -1"},
-		{name: "levels truncated to integer", reply: []any{int64(1), int64(3)}, n: 1, wantErr: "levels are int64"},
-		{name: "too few levels", reply: []any{int64(1), "1 2"}, n: 3, wantErr: `levels "1 2", want 3 numbers`},
-		{name: "too many levels", reply: []any{int64(1), "1 2"}, n: 1, wantErr: `levels "1 2", want 1 numbers`},
-		{name: "no levels", reply: []any{int64(1), ""}, n: 1, wantErr: `level 0 is ""`},
-		{name: "double space", reply: []any{int64(1), "1  2"}, n: 2, wantErr: "want 2 numbers"},
-		{name: "trailing space", reply: []any{int64(1), "1 "}, n: 1, wantErr: "want 1 numbers"},
-		{name: "level not a number", reply: []any{int64(1), "1 x"}, n: 2, wantErr: `level 1 is "x"`},
-		{name: "level NaN", reply: []any{int64(1), "nan"}, n: 1, wantErr: `level 0 is "nan"`},
-		{name: "levels nil", reply: []any{int64(0), nil}, n: 1, wantErr: "levels are <nil>"},
+		{name: "verdict not integer", reply: []any{"1", "1 -"}, n: 1, wantErr: "verdict is string"},
+		{name: "verdict out of range", reply: []any{int64(3), "1 -"}, n: 1, wantErr: "verdict is int64 3"},
+		{name: "verdict negative", reply: []any{int64(-1), "1 -"}, n: 1, wantErr: "verdict is int64 -1"},
+		{name: "state truncated to integer", reply: []any{int64(1), int64(3)}, n: 1, wantErr: "bucket state is int64"},
+		{name: "no present", reply: []any{int64(1), "-"}, n: 1, wantErr: `bucket state "-", want the present and 1 buckets`},
+		{name: "present not a number", reply: []any{int64(1), "x -"}, n: 1, wantErr: `want the present`},
+		{name: "present NaN", reply: []any{int64(1), "nan -"}, n: 1, wantErr: `want the present`},
+		{name: "too few buckets", reply: []any{int64(1), "1 - -"}, n: 3, wantErr: `bucket state "1 - -", want the present and 3 buckets`},
+		{name: "too many buckets", reply: []any{int64(1), "1 - -"}, n: 1, wantErr: `want the present and 1 buckets`},
+		{name: "no buckets", reply: []any{int64(1), "1 "}, n: 1, wantErr: `bucket 0 is ""`},
+		{name: "double space", reply: []any{int64(1), "1 -  -"}, n: 2, wantErr: "want the present and 2 buckets"},
+		{name: "trailing space", reply: []any{int64(1), "1 - "}, n: 1, wantErr: "want the present and 1 buckets"},
+		{name: "bucket not a number", reply: []any{int64(1), "1 - x"}, n: 2, wantErr: `bucket 1 is "x"`},
+		{name: "bucket without class", reply: []any{int64(1), "1 12"}, n: 1, wantErr: `bucket 0 is "12"`},
+		{name: "bucket with a fraction", reply: []any{int64(1), "1 123.5"}, n: 1, wantErr: `bucket 0 is "123.5"`},
+		{name: "bucket NaN", reply: []any{int64(1), "1 =nan"}, n: 1, wantErr: `bucket 0 is "=nan"`},
+		{name: "bucket minus infinity", reply: []any{int64(1), "1 =-inf"}, n: 1, wantErr: `bucket 0 is "=-inf"`},
+		{name: "state nil", reply: []any{int64(0), nil}, n: 1, wantErr: "bucket state is <nil>"},
 		{name: "not an array", reply: "OK", n: 1, wantErr: "string, want an array"},
 		{name: "nil", reply: nil, n: 1, wantErr: "<nil>, want an array"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
 			levels := make([]float64, tc.n)
-			got, err := parseReply(tc.reply, levels)
+			charges := make([]bucket.Charge, tc.n)
+			for i := range charges {
+				charges[i].Limit = lim
+			}
+			got, err := parseReply(tc.reply, charges, levels)
 			if tc.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
 					t.Fatalf("parseReply(%v) error = %v, want one containing %q", tc.reply, err, tc.wantErr)
