@@ -336,12 +336,15 @@ func (r Request) Validate() error {
 	if len(r.Charges) == 0 || len(r.Charges) > MaxCharges {
 		return fmt.Errorf("%w: %d charges, want 1 to %d", ErrInvalidRequest, len(r.Charges), MaxCharges)
 	}
-	for i, c := range r.Charges {
+	// By index, not by value: a Charge is 48 bytes, and every store
+	// validates every request it is sent.
+	for i := range r.Charges {
+		c := &r.Charges[i]
 		if c.Bucket == "" {
 			return fmt.Errorf("%w: charges[%d].bucket is empty", ErrInvalidRequest, i)
 		}
-		for _, prev := range r.Charges[:i] {
-			if prev.Bucket == c.Bucket {
+		for j := range i {
+			if r.Charges[j].Bucket == c.Bucket {
 				return fmt.Errorf("%w: bucket %q is charged twice", ErrInvalidRequest, c.Bucket)
 			}
 		}
@@ -464,7 +467,7 @@ func (r Request) buckets() []BucketState {
 // [Request.Into]).
 func Decide(req Request, tokens []float64) Decision {
 	if len(req.Charges) == 1 {
-		return decideOne(req, tokens[0])
+		return decideOne(&req, tokens[0])
 	}
 	d := Decision{Allowed: true, Buckets: req.buckets()}
 	for i, c := range req.Charges {
@@ -497,21 +500,24 @@ func Decide(req Request, tokens []float64) Decision {
 
 // decideOne is [Decide] for the most common request, of one charge,
 // without its loops: a memstore denies a hot caller through it.
-func decideOne(req Request, tokens float64) Decision {
+func decideOne(req *Request, tokens float64) Decision {
 	c := &req.Charges[0]
-	d := Decision{Buckets: req.buckets()}
-	b := &d.Buckets[0]
 	remaining, ok := c.Apply(req.Mode, tokens)
-	*b = BucketState{Bucket: c.Bucket, Limit: c.Limit, Cost: c.Cost, Allowed: ok, Remaining: remaining}
-	d.Allowed = ok
+	var retryAfter time.Duration
 	if !ok {
-		b.Remaining = tokens
+		remaining = tokens
 		if c.Cost <= c.Limit.Capacity {
-			b.RetryAfter = c.Limit.retryAfter(tokens, c.Cost)
-			d.RetryAfter = b.RetryAfter
+			retryAfter = c.Limit.retryAfter(tokens, c.Cost)
 		}
 	}
-	b.ResetAfter = c.Limit.TimeToFull(b.Remaining)
+	// The state is built whole and stored once: a hot caller's denials
+	// come through here, and storing field by field into the (heap)
+	// buckets costs a write barrier check each.
+	d := Decision{Allowed: ok, RetryAfter: retryAfter, Buckets: req.buckets()}
+	d.Buckets[0] = BucketState{
+		Bucket: c.Bucket, Limit: c.Limit, Cost: c.Cost, Allowed: ok,
+		Remaining: remaining, RetryAfter: retryAfter, ResetAfter: c.Limit.TimeToFull(remaining),
+	}
 	return d
 }
 

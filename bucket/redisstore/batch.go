@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -50,19 +51,20 @@ type op struct {
 	// common ones cost no allocation for them.
 	keyBuf [4]string
 
-	// state is guarded by Store.mu. reply and err are written under it,
-	// before state becomes done and done is closed, and read after.
+	// state is guarded by Store.mu. reply (batch.lua's line for the
+	// operation) and err are written under it, before state becomes done
+	// and done is closed, and read after.
 	state opState
-	reply any
+	reply string
 	err   error
 	done  chan struct{}
 }
 
 // do queues o, starts a batch if fewer than maxInFlight are in flight, and
-// waits until o is answered or ctx ends. It returns batch.lua's reply to o,
-// or an error that wraps [bucket.ErrNotApplied] or
+// waits until o is answered or ctx ends. It returns batch.lua's line for
+// o, or an error that wraps [bucket.ErrNotApplied] or
 // [bucket.ErrOutcomeUnknown].
-func (s *Store) do(ctx context.Context, o *op) (any, error) {
+func (s *Store) do(ctx context.Context, o *op) (string, error) {
 	o.done = make(chan struct{})
 	s.mu.Lock()
 	s.queue = append(s.queue, o)
@@ -100,21 +102,32 @@ func (s *Store) do(ctx context.Context, o *op) (any, error) {
 		switch state {
 		case queued:
 			// takeLocked skips it, so it will never be sent.
-			return nil, fmt.Errorf("%w: the context ended while the request waited for its turn: %w", bucket.ErrNotApplied, ctx.Err())
+			return "", fmt.Errorf("%w: the context ended while the request waited for its turn: %w", bucket.ErrNotApplied, ctx.Err())
 		case sent:
-			return nil, fmt.Errorf("%w: the context ended while the request was in flight: %w", bucket.ErrOutcomeUnknown, ctx.Err())
+			return "", fmt.Errorf("%w: the context ended while the request was in flight: %w", bucket.ErrOutcomeUnknown, ctx.Err())
 		}
 	}
 	if o.err != nil {
-		return nil, o.err
+		return "", o.err
 	}
-	if err, ok := o.reply.(redis.Error); ok {
+	if msg, failed := strings.CutPrefix(o.reply, "!"); failed {
 		// batch.lua failed this operation alone, before it wrote anything;
 		// the server is fine.
-		return nil, fmt.Errorf("%w: %w: %w", bucket.ErrNotApplied, bucket.ErrRejected, err)
+		return "", fmt.Errorf("%w: %w: %w", bucket.ErrNotApplied, bucket.ErrRejected, opError(msg))
 	}
 	return o.reply, nil
 }
+
+// opError is batch.lua's error for one operation of a batch: a Redis error
+// reply in all but name, which it sends as a line of its reply (see
+// batch.lua).
+type opError string
+
+// Error implements error.
+func (e opError) Error() string { return string(e) }
+
+// RedisError implements [redis.Error], as a Redis error reply does.
+func (e opError) RedisError() {}
 
 // takeLocked removes from the queue and returns the next batch: the oldest
 // operations still queued, at most maxBatch of them, marked sent. It drops
@@ -216,7 +229,7 @@ func (s *Store) send(batch []*op) {
 
 // answer delivers replies[i] (or err, if it is not nil) to ops[i], for
 // every operation still waiting for it.
-func (s *Store) answer(ops []*op, replies []any, err error) {
+func (s *Store) answer(ops []*op, replies []string, err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for i, o := range ops {
@@ -233,20 +246,33 @@ func (s *Store) answer(ops []*op, replies []any, err error) {
 	}
 }
 
-// result returns the replies of one script call for n operations, or the
-// error every one of them gets.
-func (s *Store) result(cmd *redis.Cmd, n int) ([]any, error) {
+// result returns the lines of one script call's reply for n operations,
+// or the error every one of them gets. The lines share the reply's bytes.
+func (s *Store) result(cmd *redis.Cmd, n int) ([]string, error) {
 	if err := cmd.Err(); err != nil {
 		return nil, s.failure(err)
 	}
-	replies, err := cmd.Slice()
+	text, err := cmd.Text()
 	if err != nil {
 		return nil, fmt.Errorf("%w: malformed script reply: %w", bucket.ErrOutcomeUnknown, err)
 	}
-	if len(replies) != n {
-		return nil, fmt.Errorf("%w: malformed script reply: %d elements for %d operations", bucket.ErrOutcomeUnknown, len(replies), n)
+	return splitLines(text, n)
+}
+
+// splitLines splits batch.lua's reply into its n lines.
+func splitLines(text string, n int) ([]string, error) {
+	lines := make([]string, n)
+	for i := range lines {
+		line, rest, more := strings.Cut(text, "\n")
+		switch {
+		case more && i == n-1:
+			return nil, fmt.Errorf("%w: malformed script reply: more than %d lines for %d operations", bucket.ErrOutcomeUnknown, n, n)
+		case !more && i < n-1:
+			return nil, fmt.Errorf("%w: malformed script reply: %d lines for %d operations", bucket.ErrOutcomeUnknown, i+1, n)
+		}
+		lines[i], text = line, rest
 	}
-	return replies, nil
+	return lines, nil
 }
 
 // failure classifies an error of the client as [bucket.ErrNotApplied] or
@@ -316,7 +342,10 @@ func newGroup(ops []*op, now string) *group {
 	g.args = append(g.args, now)
 	for _, o := range ops {
 		g.keys = append(g.keys, o.keys...)
-		g.args = append(g.args, o.arg)
+		// A *string, which go-redis writes as the string, costs no
+		// allocation to put in an interface, as a string would. (Keys
+		// stay strings: go-redis reads them to route commands.)
+		g.args = append(g.args, &o.arg)
 	}
 	return g
 }

@@ -84,39 +84,49 @@
 -- A clock that steps back (a failover to a server whose clock is behind)
 -- shows levels lower than they were, never higher, until it catches up.
 --
--- A bucket that ends a request full is deleted from the hash, and Redis
--- deletes a hash once it is empty. Buckets of other subjects refill to full
--- without a request, and stay in the hash (stale) until the group expires
--- or a write deletes them: each request that adds buckets to a group
--- first samples 4 of its fields per bucket added, at random (HRANDFIELD,
--- on Redis 6.2 and later; on older servers nothing is sampled), and
--- deletes those that are full by their class, before it writes. A bucket
--- can only become stale once per time it was added, and each addition
--- removes 4 / fields stale buckets on average, so stale buckets stop
--- growing once they are about a quarter of their group's fields, even if
--- every request came from a new subject that never came back; a request
--- that only updates buckets the group holds (the common case: a subject
--- that keeps calling) samples nothing. An empty sample also tells that
--- the request creates the hash. On the server's clock the hash's TTL is
--- at least the time until its last bucket is full: once per batch, after
--- its last operation, the TTL of every hash the batch wrote to is raised,
--- never lowered, to the longest time until full of the buckets the batch
--- wrote to it, rounded up to the millisecond and then some (PEXPIRE for a
--- hash the batch created, which has no TTL; otherwise PEXPIRE GT, on Redis
--- 7.0 and later, which leaves a hash without a TTL so, and PTTL when that
--- changed nothing on a hash the batch deleted fields of, which may have
--- emptied it and created it again; on older servers PTTL and PEXPIRE), so
--- that an idle group costs no memory and never expires before every
--- bucket in it is full anyway, under the limits it was written with. A later request with
--- a lower rate or a higher capacity finds a bucket that fills later than
+-- A group hash also holds its expiry field, named "" (no bucket field is
+-- empty): the instant, in integer milliseconds since the Unix epoch, until
+-- which the hash lives, which is its TTL's end on the server's clock. It
+-- is read with the request's buckets, in the same HMGET, so that a
+-- request knows whether the hash exists and how long it lives without a
+-- command of its own. A write raises it, never lowers it, to the instant
+-- when the last bucket it wrote is full, rounded up to the millisecond and
+-- then some; once per batch, after its last operation, the TTL of every
+-- hash whose field the batch raised follows (PEXPIREAT). A hash without
+-- the field is one the batch creates, or one this script did not write
+-- (by hand, or an earlier version of it): PEXPIREAT NX sets the TTL of
+-- the first, which has none, and for the others, which may have a longer
+-- one, PEXPIREAT GT raises it and PEXPIRETIME then tells the field what
+-- it is (on servers older than 7.0, which refuse NX and GT, PTTL and TIME
+-- do the same); a hash that had no TTL at all gets one. So an idle group
+-- costs no memory and never expires before every bucket in it is full
+-- anyway, under the limits it was written with. A later request with a
+-- lower rate or a higher capacity finds a bucket that fills later than
 -- the hash expires or its class says, until its next write: such a bucket
 -- may be deleted before it is full, that is start full again. On a test
--- clock the hash gets no TTL.
+-- clock the field is written all the same, and the hash gets no TTL.
+--
+-- A bucket that ends a request full is deleted from the hash, and a hash
+-- left with its expiry field alone is deleted, as Redis deletes a hash
+-- left empty. Buckets of other subjects refill to full without a request,
+-- and stay in the hash (stale) until the group expires or a write deletes
+-- them: each request that adds buckets to a group that exists (it has an
+-- expiry field, or one of the request's buckets) first samples 4 of its
+-- fields per bucket added, at random (HRANDFIELD, on Redis 6.2 and later;
+-- on older servers nothing is sampled), and deletes those that are full
+-- by their class, before it writes. A bucket can only become stale once
+-- per time it was added, and each addition removes 4 / fields stale
+-- buckets on average, so stale buckets stop growing once they are about a
+-- quarter of their group's fields, even if every request came from a new
+-- subject that never came back; a request that only updates buckets the
+-- group holds (the common case: a subject that keeps calling) samples
+-- nothing, and neither does one that creates the hash.
 --
 -- Earlier versions kept a string "<tokens> <at>" per bucket, at the key
 -- "<prefix>:{<subject>}:<bucket>", and then a hash per subject at
 -- "<prefix>:{<subject>}"; this script never reads or writes those keys,
--- which expire on their own.
+-- which expire on their own. Group hashes written before the expiry field
+-- existed get it on their next write, as above.
 --
 -- A marker key holds "<expires>", the instant in integer microseconds until
 -- which its ID counts as applied. The script compares it with the present
@@ -129,8 +139,10 @@
 -- server's clock its TTL is the latest expiry, so that the set of a subject
 -- whose holders all died disappears on its own.
 --
--- Returns one reply per operation, in order:
---   take, adjust  {status, state}: status is 1 if the charges were
+-- Returns one string: a line per operation, in order, joined by "\n" (one
+-- string rather than an array of replies, so that Redis builds, and the
+-- client reads, one value per batch):
+--   take, adjust  "<status> <state>": status is 1 if the charges were
 --                 written, 0 if the request was denied (nothing written),
 --                 and 2 if the request is a duplicate of one applied within
 --                 its window (nothing written); state is the present,
@@ -143,15 +155,15 @@
 --                 level as this script does, min(capacity, (now - E) / 1e6
 --                 * rate), on the same float64 numbers, so it gets exactly
 --                 the levels the script decided on, while the script
---                 formats no level: one string, because Redis would
---                 truncate a Lua number to an integer and each string of a
---                 reply is an allocation for the client.
---   acquire       {acquired (1 or 0), in_use}: in_use is the number of live
---                 leases after the decision.
---   release       {0, 0}.
+--                 formats no level (Redis would truncate a Lua number in a
+--                 reply to an integer).
+--   acquire       "<acquired (1 or 0)> <in_use>": in_use is the number of
+--                 live leases after the decision.
+--   release       "0 0".
 -- or, for an operation that found a key it cannot read (a malformed value,
--- another type), an error reply in its place: that operation wrote nothing,
--- and the others were applied as usual.
+-- another type), "!" and an error message, without line breaks, in its
+-- place: that operation wrote nothing, and the others were applied as
+-- usual.
 --
 -- The whole batch fails with an error reply, before anything is written,
 -- when its arguments are malformed. Every operation reads its keys and
@@ -190,12 +202,19 @@ if not server_clock then
   end
 end
 
+-- never is the fill class of a bucket that no sweep deletes: one whose
+-- time to fill is beyond 2^98 microseconds (4e15 years).
+local never = 99
+
 -- Parse and check every operation before running any. Operation i is
 -- okind[i], its first key KEYS[okey[i]], its window owin[i] (false without
--- one), its buckets ofirst[i] to olast[i] of name, cap, rate and cost, or
--- its lease arguments olease[i].
+-- one), its buckets ofirst[i] to olast[i] of name and lim, or its lease
+-- arguments olease[i]. lim[b] is {capacity, rate, cost, fill class}, one
+-- table per distinct "<capacity> <rate> <cost>" of the batch (limits[...]),
+-- since most requests of a batch share a few: each is converted, checked
+-- and classed once.
 local okind, okey, owin, ofirst, olast = {}, {}, {}, {}, {}
-local name, cap, rate, cost = {}, {}, {}, {}
+local name, lim, limits = {}, {}, {}
 local olease
 local nkeys, nb = 0, 0
 for i = 1, nops do
@@ -207,20 +226,40 @@ for i = 1, nops do
     w, p = match(s, '^ (%S+)()', p)
     local first, len = nb + 1, #s
     while w and p <= len do
-      local nm, c, r, x, q = match(s, '^ (%S+) (%S+) (%S+) (%S+)()', p)
+      local nm, crx, q = match(s, '^ (%S+) (%S+ %S+ %S+)()', p)
       if not nm then
         break
       end
-      c, r, x = tonumber(c), tonumber(r), tonumber(x)
-      local j = nb - first + 2
-      if not (finite(c) and finite(r) and finite(x)) then
-        return fail('operation ' .. i .. ': bucket ' .. j .. ': capacity, rate or cost is not a number')
-      end
-      if not (c > 0 and r > 0) then
-        return fail('operation ' .. i .. ': bucket ' .. j .. ': capacity and rate must be positive')
+      local l = limits[crx]
+      if not l then
+        local c, r, x = match(crx, '^(%S+) (%S+) (%S+)$')
+        c, r, x = tonumber(c), tonumber(r), tonumber(x)
+        local j = nb - first + 2
+        if not (finite(c) and finite(r) and finite(x)) then
+          return fail('operation ' .. i .. ': bucket ' .. j .. ': capacity, rate or cost is not a number')
+        end
+        if not (c > 0 and r > 0) then
+          return fail('operation ' .. i .. ': bucket ' .. j .. ': capacity and rate must be positive')
+        end
+        -- The fill class: the least k >= 0 such that 2^k >= t, the time
+        -- to fill from empty in microseconds (t = m * 2^k with 0.5 <= m
+        -- < 1, so 2^k >= t, and 2^(k-1) >= t only when m is 0.5).
+        local t, k = c / r * 1e6, never
+        if t <= 2 ^ 98 then
+          local m
+          m, k = math.frexp(t)
+          if m == 0.5 then
+            k = k - 1
+          end
+          if k < 0 then
+            k = 0
+          end
+        end
+        l = {c, r, x, k}
+        limits[crx] = l
       end
       nb = nb + 1
-      name[nb], cap[nb], rate[nb], cost[nb] = nm, c, r, x
+      name[nb], lim[nb] = nm, l
       p = q
     end
     if not w or p <= len or nb < first then
@@ -279,21 +318,18 @@ local max_ttl_ms = 1e15
 -- largest is the largest finite float64.
 local largest = 1.7976931348623157e308
 
--- never is the fill class of a bucket that no sweep deletes: one whose
--- time to fill is beyond 2^98 microseconds (4e15 years).
-local never = 99
-
 -- samples is how many fields of a group a write samples for full buckets
 -- to delete, per bucket it adds to the group.
 local samples = 4
 
--- On the server's clock, ttl[key] is the longest time until full, in
--- milliseconds, of the buckets the batch wrote to the group hash at key,
--- keys lists those keys in order, fresh[key] is true if the batch created
--- the hash (so it has no TTL yet), and deleted[key] is true if the batch
--- deleted fields of it (so it may have emptied it, which deletes it, and
--- then created it again unawares).
-local ttl, fresh, deleted, keys, nttl = {}, {}, {}, {}, 0
+-- On the server's clock, expiry[key] is the instant, in integer
+-- milliseconds, until which the batch raised the group hash at key to
+-- live (what it wrote into the hash's expiry field), keys lists those keys
+-- in order, and unknown[key] is true if the batch wrote to the hash when
+-- it had no expiry field: a hash the batch created (without a TTL yet) or
+-- one this script did not write (by hand, or by an earlier version), whose
+-- TTL the batch does not know.
+local expiry, unknown, keys, nexp = {}, {}, {}, 0
 
 -- scratch holds the arguments of one HSET or HDEL.
 local scratch = {}
@@ -303,22 +339,37 @@ local function bucket_request(i)
   local take = okind[i] == 'take'
   -- One read for all of the request's buckets; a key of another type
   -- fails this operation alone.
-  local stored = redis.pcall('HMGET', key, unpack(name, first, last))
+  -- The expiry field first, then the buckets: stored[j + 1] is bucket j.
+  local stored = redis.pcall('HMGET', key, '', unpack(name, first, last))
   if stored.err then
     return redis.error_reply(stored.err .. ' (connectlimit batch.lua, key ' .. key .. ')')
   end
+  -- horizon is the instant in milliseconds until which the hash lives,
+  -- by its expiry field, or nil if it has none (see above).
+  local horizon = stored[1]
+  if horizon then
+    horizon = tonumber(horizon)
+    if not finite(horizon) then
+      return fail('malformed expiry field at key ' .. key)
+    end
+  end
+  -- found is true if the hash holds one of the request's buckets, and so
+  -- exists.
+  local found = false
   local level = {}
   local allowed = true
   local levels
   for b = first, last do
     local j = b - first + 1
-    local c, r, x = cap[b], rate[b], cost[b]
+    local l = lim[b]
+    local c, r, x = l[1], l[2], l[3]
     local tokens = c
-    local v = stored[j]
+    local v = stored[j + 1]
     -- shown is what the reply says of the bucket: "-" when it is full,
     -- else its value as stored when that has a class, else "=" and E.
     local shown = '-'
     if v then
+      found = true
       -- The value is E's digits and two of the class, or E alone (see
       -- above). E is finite, or +inf for a debt beyond the float64
       -- range; -inf would be a full bucket, which is never stored.
@@ -350,7 +401,6 @@ local function bucket_request(i)
       allowed = false
     end
   end
-  local reply = {0, levels}
 
   -- The ID is checked before the decision counts: a duplicate is reported as
   -- such even if its buckets could not pay now.
@@ -367,25 +417,26 @@ local function bucket_request(i)
         return fail('malformed id marker value at key ' .. marker)
       end
       if now < expires then
-        reply[1] = 2
-        return reply
+        return '2 ' .. levels
       end
     end
   end
 
   if not allowed then
-    return reply
+    return '0 ' .. levels
   end
 
   -- nset counts the values to write (in scratch, field then value),
   -- nfull the stored buckets that end full (after them), added the
-  -- written buckets the group did not hold; need is the longest time
-  -- until full of the written buckets, in milliseconds.
+  -- written buckets the group did not hold; need is the latest instant,
+  -- in integer milliseconds since the epoch, at which a written bucket is
+  -- full (rounded up, and then some).
   local nset, nfull, added, need = 0, 0, 0, 0
   local full
   for b = first, last do
     local j = b - first + 1
-    local c, r, x = cap[b], rate[b], cost[b]
+    local l = lim[b]
+    local c, r, x = l[1], l[2], l[3]
     local after = level[j] - x
     if not take then
       -- A refund never lifts a bucket above capacity.
@@ -393,7 +444,7 @@ local function bucket_request(i)
     end
     if after >= c then
       -- A full bucket is not stored.
-      if stored[j] then
+      if stored[j + 1] then
         full = full or {}
         nfull = nfull + 1
         full[nfull] = name[b]
@@ -411,21 +462,7 @@ local function bucket_request(i)
       end
       -- +inf would make E -inf, a full bucket; -inf makes E +inf.
       q = math.min(q, largest)
-      local e = now - q
-      -- The fill class: the least k >= 0 such that 2^k >= t, the time to
-      -- fill from empty in microseconds (t = m * 2^k with 0.5 <= m < 1,
-      -- so 2^k >= t, and 2^(k-1) >= t only when m is 0.5).
-      local t, k = c / r * 1e6, never
-      if t <= 2 ^ 98 then
-        local m
-        m, k = math.frexp(t)
-        if m == 0.5 then
-          k = k - 1
-        end
-        if k < 0 then
-          k = 0
-        end
-      end
+      local e, k = now - q, l[4]
       nset = nset + 2
       scratch[nset - 1] = name[b]
       if e > -2 ^ 53 and e < 2 ^ 53 then
@@ -437,38 +474,38 @@ local function bucket_request(i)
         -- bucket, in debt for centuries, is never swept.
         scratch[nset] = format('%.16e', e)
       end
-      if not stored[j] then
+      if not stored[j + 1] then
         added = added + 1
       end
       -- The stored bucket is full (c / r * 1e6 - q) µs from now, less than
       -- 1 µs after the exact level would be: a millisecond more than that
       -- also covers the float64 rounding of this sum.
-      local ms = math.floor(((c - after) / r * 1e6 + 1) / 1000) + 1
-      if ms ~= ms or ms > max_ttl_ms then
-        ms = max_ttl_ms
+      local us = (c - after) / r * 1e6
+      if us ~= us or us > max_ttl_ms * 1000 then
+        us = max_ttl_ms * 1000
       end
-      if ms > need then
-        need = ms
+      local at = math.floor((now + us + 1) / 1000) + 1
+      if at > need then
+        need = at
       end
     end
   end
-  if added > 0 then
-    -- A write that adds buckets to the group first sweeps a few others:
-    -- it samples fields at random (HRANDFIELD, Redis 6.2 and later) and
-    -- deletes those that are full by their class (a bucket whose E is
-    -- 2^k µs or more in the past, k being its class). A value without a
-    -- class, or that is not a number, is left alone. An empty sample
-    -- means the hash does not exist, so the write creates it.
-    local count = samples * added
-    local sample = redis.pcall('HRANDFIELD', key, count, 'WITHVALUES')
+  if added > 0 and (horizon or found) then
+    -- A write that adds buckets to an existing group first sweeps a few
+    -- others: it samples fields at random (HRANDFIELD, Redis 6.2 and
+    -- later) and deletes those that are full by their class (a bucket
+    -- whose E is 2^k µs or more in the past, k being its class). A value
+    -- without a class, or that is not a number, is left alone, and so is
+    -- the expiry field. A hash with neither an expiry field nor one of
+    -- the request's buckets most likely does not exist: it is not sampled.
+    local sample = redis.pcall('HRANDFIELD', key, samples * added, 'WITHVALUES')
     if type(sample) == 'table' and not sample.err then
-      local ns = #sample / 2
       local gone
       local ngone = 0
       for s = 2, #sample, 2 do
         local e, k = match(sample[s], '^(%-?%d+)(%d%d)$')
         e, k = tonumber(e), tonumber(k)
-        if e and k and k < never and now - e >= 2 ^ k then
+        if e and k and k < never and now - e >= 2 ^ k and sample[s - 1] ~= '' then
           gone = gone or {}
           ngone = ngone + 1
           gone[ngone] = sample[s - 1]
@@ -476,32 +513,41 @@ local function bucket_request(i)
       end
       if ngone > 0 then
         redis.call('HDEL', key, unpack(gone, 1, ngone))
-        deleted[key] = true
-      end
-      -- A sample smaller than asked for is every field of the hash.
-      if ns == 0 or (ngone == ns and ns < count) then
-        fresh[key] = true
       end
     end
   end
   if nfull > 0 then
     redis.call('HDEL', key, unpack(full, 1, nfull))
-    deleted[key] = true
+    -- A hash left with its expiry field alone goes, as Redis deletes a
+    -- hash left empty.
+    if nset == 0 and horizon and redis.call('HLEN', key) == 1 then
+      redis.call('DEL', key)
+    end
   end
   if nset > 0 then
-    redis.call('HSET', key, unpack(scratch, 1, nset))
-    -- The hash lives until its last bucket is full: its TTL is raised,
-    -- never lowered, once for the whole batch (see below).
-    if server_clock then
-      local had = ttl[key]
-      if not had then
-        nttl = nttl + 1
-        keys[nttl] = key
-        ttl[key] = need
-      elseif need > had then
-        ttl[key] = need
+    -- The hash lives until its last bucket is full: its expiry field and
+    -- TTL are raised, never lowered, to the instant the written buckets
+    -- need; the TTL once for the whole batch (see below).
+    local at = need
+    if not horizon or at > horizon then
+      nset = nset + 2
+      scratch[nset - 1] = ''
+      scratch[nset] = format('%d', at)
+      if server_clock then
+        local had = expiry[key]
+        if not had then
+          nexp = nexp + 1
+          keys[nexp] = key
+          expiry[key] = at
+        elseif at > had then
+          expiry[key] = at
+        end
+        if not horizon then
+          unknown[key] = true
+        end
       end
     end
+    redis.call('HSET', key, unpack(scratch, 1, nset))
   end
   if marker then
     local expires = format('%.0f', now + window)
@@ -511,8 +557,7 @@ local function bucket_request(i)
       redis.call('SET', marker, expires)
     end
   end
-  reply[1] = 1
-  return reply
+  return '1 ' .. levels
 end
 
 -- lease_set returns an operation's lease set key, or nil and an error reply
@@ -551,7 +596,7 @@ local function acquire(i)
     end
     redis.call('PEXPIRE', key, format('%.0f', ms))
   end
-  return {acquired, in_use}
+  return format('%d %d', acquired, in_use)
 end
 
 local function release(i)
@@ -561,52 +606,72 @@ local function release(i)
   end
   -- Redis deletes a sorted set once it is empty.
   redis.call('ZREM', key, olease[i][3])
-  return {0, 0}
+  return '0 0'
 end
 
 local replies = {}
 for i = 1, nops do
   local kind = okind[i]
+  local r
   if kind == 'acquire' then
-    replies[i] = acquire(i)
+    r = acquire(i)
   elseif kind == 'release' then
-    replies[i] = release(i)
+    r = release(i)
   else
-    replies[i] = bucket_request(i)
+    r = bucket_request(i)
   end
+  if type(r) == 'table' then
+    -- An operation's error reply: "!" and its message, on one line.
+    r = '!' .. string.gsub(r.err, '[\r\n]', ' ')
+  end
+  replies[i] = r
 end
 
 -- Raise the TTL of every group hash the batch wrote to, never lowering it,
--- to the longest time until full of the buckets written to it. A hash the
--- batch created has no TTL: PEXPIRE sets it. Otherwise PEXPIRE GT (Redis
--- 7.0) raises it in one command. GT treats a hash without a TTL as one
--- that never expires, so it leaves it so: the batch's writes need no TTL
--- there, since every hash this script writes gets one, except one made
--- persistent by hand (or written on a test clock). But a batch that
--- deleted fields of a hash may have deleted it and created it again,
--- without a TTL: when GT changes nothing there, PTTL tells whether the
--- hash still needs one. On an older server, which refuses GT, PTTL and
--- PEXPIRE do it all.
-local gt = true
-for n = 1, nttl do
+-- to the instant its expiry field now holds: the longest time until full
+-- of the buckets written to it. A hash whose expiry field the batch read
+-- has that TTL: PEXPIREAT raises it in one command. One that had no field
+-- is most likely one the batch created, without a TTL: PEXPIREAT NX (Redis
+-- 7.0) sets it. If NX changed nothing, the hash had a TTL the batch does
+-- not know: PEXPIREAT GT raises it, never lowering it, and the expiry
+-- field gets the TTL the hash ends up with (PEXPIRETIME), so that the
+-- field again tells its TTL. On an older server, which refuses NX, PTTL
+-- does the same. A hash that had no TTL at all (made persistent by hand)
+-- gets one.
+local nx = true
+for n = 1, nexp do
   local key = keys[n]
-  local ms = format('%d', ttl[key])
-  if fresh[key] then
-    redis.call('PEXPIRE', key, ms)
+  local at = format('%d', expiry[key])
+  if not unknown[key] then
+    redis.call('PEXPIREAT', key, at)
   else
-    local raised = 0
-    if gt then
-      raised = redis.pcall('PEXPIRE', key, ms, 'GT')
-      if type(raised) == 'table' then
-        gt, raised = false, 0
+    local set = 0
+    if nx then
+      set = redis.pcall('PEXPIREAT', key, at, 'NX')
+      if type(set) == 'table' then
+        nx, set = false, 0
       end
     end
-    if raised == 0 and (deleted[key] or not gt) then
-      local pttl = redis.call('PTTL', key)
-      if pttl ~= -2 and pttl < ttl[key] then
-        redis.call('PEXPIRE', key, ms)
+    if set == 0 then
+      local ends
+      if nx then
+        redis.call('PEXPIREAT', key, at, 'GT')
+        ends = redis.call('PEXPIRETIME', key)
+      else
+        local pttl = redis.call('PTTL', key)
+        local t = redis.call('TIME')
+        local ms = math.floor((tonumber(t[1]) * 1000000 + tonumber(t[2])) / 1000)
+        if pttl < 0 or ms + pttl < expiry[key] then
+          redis.call('PEXPIREAT', key, at)
+          ends = expiry[key]
+        else
+          ends = ms + pttl
+        end
+      end
+      if ends > expiry[key] then
+        redis.call('HSET', key, '', format('%d', ends))
       end
     end
   end
 end
-return replies
+return table.concat(replies, '\n')

@@ -99,33 +99,28 @@ func TestBatchScriptReplies(t *testing.T) {
 		"acquire 1 500 m2",
 		"release m1",
 	}
-	reply, err := batchScript.Run(t.Context(), client, keys, args...).Slice()
+	text, err := batchScript.Run(t.Context(), client, keys, args...).Text()
 	if err != nil {
 		t.Fatal(err)
 	}
-	// A bucket request's reply has the present (1 s) and each bucket as
-	// it was: "-" when full, else its stored value.
+	// One line per operation. A bucket request's line has its verdict,
+	// the present (1 s) and each bucket as it was: "-" when full, else its
+	// stored value.
 	wantReplies := []string{
-		"[1 1000000 -]",
-		"[0 1000000 -200000023]",
-		"[1 1000000 -]",
-		"[2 1000000 -200000023]",
-		"[1 1000000 -200000023]",
-		"[1 1000000 -200000023 -150000022 -]",
-		"ERR connectlimit batch.lua: malformed bucket value at key r:{a}, field bad",
-		"[1 1]",
-		"[0 1]",
-		"[0 0]",
+		"1 1000000 -",
+		"0 1000000 -200000023",
+		"1 1000000 -",
+		"2 1000000 -200000023",
+		"1 1000000 -200000023",
+		"1 1000000 -200000023 -150000022 -",
+		"!ERR connectlimit batch.lua: malformed bucket value at key r:{a}, field bad",
+		"1 1",
+		"0 1",
+		"0 0",
 	}
-	got := make([]string, len(reply))
-	for i, r := range reply {
-		got[i] = fmt.Sprint(r)
-	}
-	if !slices.Equal(got, wantReplies) {
-		t.Fatalf("replies:\n%q\nwant\n%q", got, wantReplies)
-	}
-	if _, ok := reply[6].(redis.Error); !ok {
-		t.Fatalf("reply 6 is a %T, want a redis.Error", reply[6])
+	reply, err := splitLines(text, len(args)-1)
+	if err != nil || !slices.Equal(reply, wantReplies) {
+		t.Fatalf("replies:\n%q (%v)\nwant\n%q", strings.Split(text, "\n"), err, wantReplies)
 	}
 	// The levels the client reads from them, before each charge.
 	b, c, d := bucket.Limit{Capacity: 5, RefillPerSecond: 1}, bucket.Limit{Capacity: 3, RefillPerSecond: 1}, bucket.Limit{Capacity: 7, RefillPerSecond: 1}
@@ -153,8 +148,10 @@ func TestBatchScriptReplies(t *testing.T) {
 	// (1 s) less their levels (3 and 2.5 tokens, at 1 token per second), in
 	// microseconds, followed by their fill classes, two digits: b fills in
 	// 5 s, at most 2^23 µs, c in 3 s, at most 2^22 µs; d is full, so not
-	// stored; bad is as it was.
-	want := map[string]string{"b": "-200000023", "c": "-150000022", "bad": "x"}
+	// stored; bad is as it was. The expiry field holds the instant in
+	// milliseconds when the last of them is full, and then some: b, at
+	// 3 s, plus a millisecond.
+	want := map[string]string{"b": "-200000023", "c": "-150000022", "bad": "x", ExpiryField: "3001"}
 	if got, err := client.HGetAll(t.Context(), "r:{a}").Result(); err != nil || !maps.Equal(got, want) {
 		t.Fatalf("HGETALL r:{a} = %v, %v", got, err)
 	}
@@ -243,7 +240,7 @@ func TestGroups(t *testing.T) {
 				wantArgs := []any{"now"}
 				for _, j := range tc.want[i] {
 					wantKeys = append(wantKeys, ops[j].keys...)
-					wantArgs = append(wantArgs, ops[j].arg)
+					wantArgs = append(wantArgs, &ops[j].arg)
 				}
 				if !slices.Equal(g.keys, wantKeys) || !slices.Equal(g.args, wantArgs) {
 					t.Errorf("group %d: keys %v args %v, want %v and %v", i, g.keys, g.args, wantKeys, wantArgs)
@@ -253,54 +250,94 @@ func TestGroups(t *testing.T) {
 	}
 }
 
-// TestBatchScriptRaisesTTLOncePerBatch checks the TTL batch.lua leaves on
-// group hashes on the server's clock, raised once per batch: set on a hash
-// the batch creates (found missing, or emptied by the sweep, or perhaps
-// emptied), raised and never lowered on one that has a TTL, left alone on
-// one that has none (made persistent by hand), and the longest any
-// operation of the batch needs; with one command per hash, but for a hash
-// the batch deleted fields of, where PTTL follows when PEXPIRE GT changed
-// nothing.
+// TestBatchScriptRaisesTTLOncePerBatch checks the TTL and expiry field
+// batch.lua leaves on group hashes on the server's clock, raised once per
+// batch and never lowered: set on a hash the batch creates, raised on one
+// whose expiry field says it lives too short, left alone on one whose field
+// says it lives long enough, raised (never lowered) on a hash without the
+// field (written by hand, or by an earlier version), whose field then
+// tells the TTL it ends up with, and set on one that had no TTL; the
+// longest any operation of the batch needs. It counts the commands: one
+// PEXPIREAT per hash whose field the batch read, PEXPIREAT NX for one
+// without, followed by PEXPIREAT GT and PEXPIRETIME when that hash had a
+// TTL, and no sampling (HRANDFIELD) but for hashes that exist. It also
+// runs the script as it runs on servers older than 7.0, which refuse NX:
+// PTTL then does what NX, GT and PEXPIRETIME do.
 func TestBatchScriptRaisesTTLOncePerBatch(t *testing.T) {
 	t.Parallel()
+	const flag = "local nx = true\n"
+	if strings.Count(batchSource, flag) != 1 {
+		t.Fatalf("batch.lua has no line %q", flag)
+	}
+	old := redis.NewScript(strings.Replace(batchSource, flag, "local nx = false\n", 1))
+	for _, tc := range []struct {
+		name   string
+		script *redis.Script
+		// The commands of the batch, beyond those of the common case.
+		calls map[string]int
+	}{
+		// PEXPIREAT: NX for created, short, long, noTTL and twice, GT
+		// after it for short and long, plain for known; none for swept,
+		// whose field says it lives long enough.
+		{"7.0", batchScript, map[string]int{"time": 1, "pexpireat": 8, "pexpiretime": 2, "pttl": 0}},
+		// PTTL for created, short, long, noTTL and twice, each with a
+		// TIME; PEXPIREAT for those but long, and for known.
+		{"older", old, map[string]int{"time": 6, "pexpireat": 5, "pexpiretime": 0, "pttl": 5}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			raiseTTLOncePerBatch(t, tc.script, tc.calls)
+		})
+	}
+}
+
+func raiseTTLOncePerBatch(t *testing.T, script *redis.Script, calls map[string]int) {
 	client := redistest.Start(t).NewClient(t)
 	ctx := t.Context()
 	const (
 		created = "x:{g/1}"
-		short   = "x:{g/2}"
-		long    = "x:{g/3}"
-		noTTL   = "x:{g/4}"
-		twice   = "x:{g/5}"
-		// All four of swept's buckets are full by their class: the sweep
-		// of 4 samples deletes them all, and so the hash, which the write
-		// creates again; emptied's one bucket too.
-		swept   = "x:{g/6}"
-		emptied = "x:{g/7}"
+		// Without an expiry field, with a TTL of 100 ms, of 1 hour, and
+		// none.
+		short = "x:{g/2}"
+		long  = "x:{g/3}"
+		noTTL = "x:{g/4}"
+		twice = "x:{g/5}"
+		// With expiry fields that agree with their TTLs: 100 ms and 1 hour.
+		// All three of swept's buckets are full by their class: the sweep's
+		// 4 samples are all of its fields, and delete all but the expiry
+		// field.
+		known = "x:{g/6}"
+		swept = "x:{g/7}"
 	)
 	// A stranger's bucket that is not full (E far ahead), so that no sweep
 	// deletes it; and stale ones, full (E = 1 µs, class 0).
 	const stranger, debt, stale = "other/b", "9999999999999999923", "100"
+	t0, err := client.Time(ctx).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	at := func(d time.Duration) string { return fmt.Sprint(t0.Add(d).UnixMilli()) }
 	setup := map[string][]any{
-		short:   {stranger, debt},
-		long:    {stranger, debt},
-		noTTL:   {stranger, debt},
-		swept:   {"o1/b", stale, "o2/b", stale, "o3/b", stale, "o4/b", stale},
-		emptied: {"o1/b", stale},
+		short: {stranger, debt},
+		long:  {stranger, debt},
+		noTTL: {stranger, debt},
+		known: {stranger, debt, ExpiryField, at(100 * time.Millisecond)},
+		swept: {"o1/b", stale, "o2/b", stale, "o3/b", stale, ExpiryField, at(time.Hour)},
 	}
 	for key, fields := range setup {
 		if err := client.HSet(ctx, key, fields...).Err(); err != nil {
 			t.Fatal(err)
 		}
 	}
-	for key, d := range map[string]time.Duration{short: 100 * time.Millisecond, long: time.Hour, swept: time.Hour, emptied: time.Hour} {
-		if err := client.PExpire(ctx, key, d).Err(); err != nil {
+	for key, d := range map[string]time.Duration{short: 100 * time.Millisecond, long: time.Hour, known: 100 * time.Millisecond, swept: time.Hour} {
+		if err := client.PExpireAt(ctx, key, t0.Add(d)).Err(); err != nil {
 			t.Fatal(err)
 		}
 	}
 	if err := client.ConfigResetStat(ctx).Err(); err != nil {
 		t.Fatal(err)
 	}
-	keys := []string{created, short, long, noTTL, twice, twice, swept, emptied}
+	keys := []string{created, short, long, noTTL, twice, twice, known, swept}
 	// Buckets of 10 tokens at 1 token per second: taking 2 leaves 8, full
 	// in 2 s; taking 5 leaves 5, full in 5 s.
 	args := []any{"",
@@ -313,26 +350,31 @@ func TestBatchScriptRaisesTTLOncePerBatch(t *testing.T) {
 		"take - a/b 10 1 2",
 		"take - a/b 10 1 2",
 	}
-	reply, err := batchScript.Run(ctx, client, keys, args...).Slice()
+	text, err := script.Run(ctx, client, keys, args...).Text()
 	if err != nil {
 		t.Fatal(err)
 	}
-	for i, r := range reply {
-		if got := fmt.Sprint(r); !strings.HasPrefix(got, "[1 ") {
-			t.Fatalf("reply %d: %v, want applied", i, got)
+	for i, r := range strings.Split(text, "\n") {
+		if !strings.HasPrefix(r, "1 ") {
+			t.Fatalf("reply %d: %q, want applied", i, r)
 		}
 	}
-	// One TTL command per hash the batch wrote to (PEXPIRE for created,
-	// twice and emptied, PEXPIRE GT for the others), and for swept, which
-	// the batch deleted fields of, PTTL and PEXPIRE after GT.
 	stats, err := client.Info(ctx, "commandstats").Result()
 	if err != nil {
 		t.Fatal(err)
 	}
-	for cmd, want := range map[string]int{"time": 1, "pexpire": 8, "pttl": 1} {
+	// HRANDFIELD for the operations that add a bucket to a hash with an
+	// expiry field: known, swept, and twice's second.
+	calls = maps.Clone(calls)
+	calls["pexpire"], calls["hrandfield"] = 0, 3
+	for cmd, want := range calls {
 		m := regexp.MustCompile(`(?m)^cmdstat_` + cmd + `:calls=(\d+),`).FindStringSubmatch(stats)
-		if m == nil || m[1] != fmt.Sprint(want) {
-			t.Errorf("%s calls: %v, want %d", cmd, m, want)
+		got := "0"
+		if m != nil {
+			got = m[1]
+		}
+		if got != fmt.Sprint(want) {
+			t.Errorf("%s calls: %s, want %d", cmd, got, want)
 		}
 	}
 	for _, tc := range []struct {
@@ -342,25 +384,34 @@ func TestBatchScriptRaisesTTLOncePerBatch(t *testing.T) {
 		{created, 2 * time.Second},
 		{short, 2 * time.Second},
 		{long, time.Hour},
-		{noTTL, -1},
+		{noTTL, 2 * time.Second},
 		// The longest the batch's operations on it need.
 		{twice, 5 * time.Second},
-		{swept, 2 * time.Second},
-		{emptied, 2 * time.Second},
+		{known, 2 * time.Second},
+		{swept, time.Hour},
 	} {
-		got, err := client.PTTL(ctx, tc.key).Result()
+		got, err := client.PExpireTime(ctx, tc.key).Result()
 		if err != nil {
 			t.Fatal(err)
 		}
-		if got > tc.want+2*time.Millisecond || got < tc.want-500*time.Millisecond {
-			t.Errorf("PTTL %s = %v, want about %v", tc.key, got, tc.want)
+		// The field says when the hash expires, and so does its TTL.
+		field, err := client.HGet(ctx, tc.key, ExpiryField).Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := t0.Add(tc.want).Truncate(time.Millisecond)
+		if ends := time.UnixMilli(got.Milliseconds()); ends.After(want.Add(500*time.Millisecond)) || ends.Before(want) {
+			t.Errorf("%s expires at %v, want about %v", tc.key, ends, want)
+		}
+		if field != fmt.Sprint(got.Milliseconds()) {
+			t.Errorf("%s: expiry field %s, expires at %d ms", tc.key, field, got.Milliseconds())
 		}
 	}
-	for key, want := range map[string][]string{noTTL: {"a/b", stranger}, swept: {"a/b"}, emptied: {"a/b"}} {
-		got, err := client.HKeys(ctx, key).Result()
+	for key, want := range map[string][]string{noTTL: {"a/b", stranger}, swept: {"a/b"}} {
+		got, err := BucketFields(ctx, client, key)
 		slices.Sort(got)
 		if err != nil || !slices.Equal(got, want) {
-			t.Errorf("HKEYS %s = %q, %v; want %q", key, got, err, want)
+			t.Errorf("buckets of %s = %q, %v; want %q", key, got, err, want)
 		}
 	}
 }

@@ -1,6 +1,12 @@
 package redisstore
 
-import "time"
+import (
+	"context"
+	"slices"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
 
 // WithClock exposes withClock to the black-box tests: the store then decides
 // at now() instead of at the server's TIME. It exists only in test builds.
@@ -43,3 +49,14 @@ func idKey(prefix string, g uint64, subject, id string) string {
 }
 
 func field(subject, name string) string { return string(appendField(nil, subject, name)) }
+
+// ExpiryField is the field of a group hash that holds its expiry instant
+// (see batch.lua); it is no bucket.
+const ExpiryField = ""
+
+// BucketFields returns the fields of the group hash at key, in Redis's
+// order, leaving out its expiry field: the buckets it holds.
+func BucketFields(ctx context.Context, c redis.Cmdable, key string) ([]string, error) {
+	fields, err := c.HKeys(ctx, key).Result()
+	return slices.DeleteFunc(fields, func(f string) bool { return f == ExpiryField }), err
+}

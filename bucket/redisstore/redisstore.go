@@ -27,9 +27,15 @@
 // and the string key per bucket of earlier versions 160 to 180. A full
 // bucket is not stored: a bucket that ends a request full is removed from
 // its group, requests that add buckets to a group delete a few of its
-// other full buckets (see below), a group left empty is deleted, and a
-// group expires once its last bucket would be full, so idle subjects cost
-// no memory.
+// other full buckets (see below), a group left without buckets is
+// deleted, and a group expires once its last bucket would be full, so idle
+// subjects cost no memory. Besides its buckets, a group holds its expiry
+// field (the field ""): the instant, in milliseconds, when its TTL ends,
+// which a request reads with its buckets, so that it knows whether the
+// group exists and whether its TTL must be raised without commands of its
+// own. A group without the field (written by an earlier version, or by
+// hand) gets it on its next write, and a TTL that is raised, never
+// lowered.
 //
 // A field holds the bucket's empty instant: the instant, in integer
 // microseconds on the server's clock, at which the bucket held (or, in
@@ -156,8 +162,9 @@ var (
 //
 //   - "<prefix>:{g/n}", the buckets of group n's subjects: a hash whose
 //     field "S/B" holds the empty instant in microseconds of S's bucket
-//     named B and its fill class (see the package doc), expiring when the
-//     last of them would be full;
+//     named B and its fill class (see the package doc), and whose field ""
+//     holds the instant in milliseconds when it expires: when the last of
+//     them would be full;
 //   - "<prefix>:{g/n}~id:S/I", the marker of S's applied request with ID
 //     I: the string "<instant in microseconds>" until which I counts as
 //     applied, expiring then ([bucket.Request.IDWindow] after it was set);
@@ -385,37 +392,37 @@ const (
 	duplicate verdict = 2
 )
 
-// parseReply checks batch.lua's reply to a bucket request, {verdict (0, 1
-// or 2), state}, where state is "<now> <bucket_1> ... <bucket_n>", single
-// spaces apart, and reads into levels[i] the level of charges[i]'s bucket
-// before the request, computed as batch.lua computes it (see level), for
-// len(levels) buckets.
-func parseReply(r any, charges []bucket.Charge, levels []float64) (verdict, error) {
-	reply, ok := r.([]any)
-	if !ok {
-		return denied, fmt.Errorf("malformed script reply: %T, want an array", r)
+// parseReply checks batch.lua's line for a bucket request, "<verdict> <state>"
+// where verdict is 0, 1 or 2 and state is "<now> <bucket_1> ...
+// <bucket_n>", single spaces apart, and reads into levels[i] the level of
+// charges[i]'s bucket before the request, computed as batch.lua computes
+// it (see level), for len(levels) buckets.
+func parseReply(line string, charges []bucket.Charge, levels []float64) (verdict, error) {
+	flag, state, found := strings.Cut(line, " ")
+	v := verdict(0)
+	switch flag {
+	case "0":
+		v = denied
+	case "1":
+		v = applied
+	case "2":
+		v = duplicate
+	default:
+		found = false
 	}
-	if len(reply) != 2 {
-		return denied, fmt.Errorf("malformed script reply: %d elements, want 2", len(reply))
+	if !found {
+		return denied, fmt.Errorf("malformed script reply: %q, want a verdict (0, 1 or 2) and the bucket state", line)
 	}
-	flag, ok := reply[0].(int64)
-	if v := verdict(flag); !ok || (v != denied && v != applied && v != duplicate) {
-		return denied, fmt.Errorf("malformed script reply: verdict is %T %v, want integer 0, 1 or 2", reply[0], reply[0])
-	}
-	str, ok := reply[1].(string)
-	if !ok {
-		return denied, fmt.Errorf("malformed script reply: bucket state is %T, want a string", reply[1])
-	}
-	field, str, found := strings.Cut(str, " ")
+	field, str, found := strings.Cut(state, " ")
 	now, err := strconv.ParseFloat(field, 64)
 	if !found || err != nil || math.IsNaN(now) || math.IsInf(now, 0) {
-		return denied, fmt.Errorf("malformed script reply: bucket state %q, want the present and %d buckets", reply[1], len(levels))
+		return denied, fmt.Errorf("malformed script reply: bucket state %q, want the present and %d buckets", state, len(levels))
 	}
 	n := len(levels)
 	for i := range n {
 		field, str, found = strings.Cut(str, " ")
 		if found == (i == n-1) {
-			return denied, fmt.Errorf("malformed script reply: bucket state %q, want the present and %d buckets", reply[1], n)
+			return denied, fmt.Errorf("malformed script reply: bucket state %q, want the present and %d buckets", state, n)
 		}
 		l, ok := level(field, now, charges[i].Limit)
 		if !ok {
@@ -423,7 +430,7 @@ func parseReply(r any, charges []bucket.Charge, levels []float64) (verdict, erro
 		}
 		levels[i] = l
 	}
-	return verdict(flag), nil
+	return v, nil
 }
 
 // level returns the level at now of a bucket of limit lim as batch.lua
@@ -511,25 +518,18 @@ func (s *Store) Acquire(ctx context.Context, req bucket.LeaseRequest) (bucket.Le
 	return bucket.LeaseDecision{Acquired: acquired, InUse: inUse, Limit: req.Limit}, nil
 }
 
-// parseLeaseReply checks batch.lua's reply to "acquire" (or "release"):
-// {acquired (0 or 1), in_use (>= acquired)}.
-func parseLeaseReply(r any) (acquired bool, inUse int, err error) {
-	reply, ok := r.([]any)
-	if !ok {
-		return false, 0, fmt.Errorf("malformed script reply: %T, want an array", r)
+// parseLeaseReply checks batch.lua's line for "acquire" (or "release"):
+// "<acquired (0 or 1)> <in_use (>= acquired)>".
+func parseLeaseReply(line string) (acquired bool, inUse int, err error) {
+	flag, count, found := strings.Cut(line, " ")
+	if !found || (flag != "0" && flag != "1") {
+		return false, 0, fmt.Errorf("malformed script reply: %q, want an acquired flag (0 or 1) and an in-use count", line)
 	}
-	if len(reply) != 2 {
-		return false, 0, fmt.Errorf("malformed script reply: %d elements, want 2", len(reply))
+	n, err := strconv.Atoi(count)
+	if err != nil || n < 0 || (flag == "1" && n < 1) {
+		return false, 0, fmt.Errorf("malformed script reply: in-use count %q, want an integer from %s", count, flag)
 	}
-	flag, ok := reply[0].(int64)
-	if !ok || (flag != 0 && flag != 1) {
-		return false, 0, fmt.Errorf("malformed script reply: acquired flag is %T %v, want integer 0 or 1", reply[0], reply[0])
-	}
-	n, ok := reply[1].(int64)
-	if !ok || n < flag || int64(int(n)) != n {
-		return false, 0, fmt.Errorf("malformed script reply: in-use count is %T %v, want an integer from %d", reply[1], reply[1], flag)
-	}
-	return flag == 1, int(n), nil
+	return flag == "1", n, nil
 }
 
 // Release implements [bucket.LeaseStore]: it removes the lease id of

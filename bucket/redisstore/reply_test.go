@@ -1,8 +1,10 @@
 package redisstore
 
 import (
+	"errors"
 	"fmt"
 	"math"
+	"slices"
 	"strings"
 	"testing"
 
@@ -17,41 +19,38 @@ func TestParseReply(t *testing.T) {
 	lim := bucket.Limit{Capacity: 10, RefillPerSecond: 1}
 	for _, tc := range []struct {
 		name        string
-		reply       any
+		reply       string
 		n           int
 		wantVerdict verdict
 		wantLevels  []float64
 		wantErr     string
 	}{
-		{name: "applied", reply: []any{int64(1), "1000000 -50000023 =1250000"}, n: 2, wantVerdict: applied, wantLevels: []float64{1.5, -0.25}},
-		{name: "denied", reply: []any{int64(0), "1000000 90000023"}, n: 1, wantVerdict: denied, wantLevels: []float64{0.1}},
-		{name: "duplicate", reply: []any{int64(2), "1000000 400000023 - =-1e+300"}, n: 3, wantVerdict: duplicate, wantLevels: []float64{-3, 10, 10}},
-		{name: "full", reply: []any{int64(1), "1000000 -"}, n: 1, wantVerdict: applied, wantLevels: []float64{10}},
-		{name: "refilled beyond capacity", reply: []any{int64(1), "1000000 -2000000000023"}, n: 1, wantVerdict: applied, wantLevels: []float64{10}},
-		{name: "class digits only", reply: []any{int64(1), "1000000 523"}, n: 1, wantVerdict: applied, wantLevels: []float64{0.999995}},
-		{name: "debt beyond float range", reply: []any{int64(1), "1000000 =inf"}, n: 1, wantVerdict: applied, wantLevels: []float64{math.Inf(-1)}},
-		{name: "too short", reply: []any{int64(1)}, n: 1, wantErr: "1 elements, want 2"},
-		{name: "too long", reply: []any{int64(1), "1", "2"}, n: 1, wantErr: "3 elements, want 2"},
-		{name: "verdict not integer", reply: []any{"1", "1 -"}, n: 1, wantErr: "verdict is string"},
-		{name: "verdict out of range", reply: []any{int64(3), "1 -"}, n: 1, wantErr: "verdict is int64 3"},
-		{name: "verdict negative", reply: []any{int64(-1), "1 -"}, n: 1, wantErr: "verdict is int64 -1"},
-		{name: "state truncated to integer", reply: []any{int64(1), int64(3)}, n: 1, wantErr: "bucket state is int64"},
-		{name: "no present", reply: []any{int64(1), "-"}, n: 1, wantErr: `bucket state "-", want the present and 1 buckets`},
-		{name: "present not a number", reply: []any{int64(1), "x -"}, n: 1, wantErr: `want the present`},
-		{name: "present NaN", reply: []any{int64(1), "nan -"}, n: 1, wantErr: `want the present`},
-		{name: "too few buckets", reply: []any{int64(1), "1 - -"}, n: 3, wantErr: `bucket state "1 - -", want the present and 3 buckets`},
-		{name: "too many buckets", reply: []any{int64(1), "1 - -"}, n: 1, wantErr: `want the present and 1 buckets`},
-		{name: "no buckets", reply: []any{int64(1), "1 "}, n: 1, wantErr: `bucket 0 is ""`},
-		{name: "double space", reply: []any{int64(1), "1 -  -"}, n: 2, wantErr: "want the present and 2 buckets"},
-		{name: "trailing space", reply: []any{int64(1), "1 - "}, n: 1, wantErr: "want the present and 1 buckets"},
-		{name: "bucket not a number", reply: []any{int64(1), "1 - x"}, n: 2, wantErr: `bucket 1 is "x"`},
-		{name: "bucket without class", reply: []any{int64(1), "1 12"}, n: 1, wantErr: `bucket 0 is "12"`},
-		{name: "bucket with a fraction", reply: []any{int64(1), "1 123.5"}, n: 1, wantErr: `bucket 0 is "123.5"`},
-		{name: "bucket NaN", reply: []any{int64(1), "1 =nan"}, n: 1, wantErr: `bucket 0 is "=nan"`},
-		{name: "bucket minus infinity", reply: []any{int64(1), "1 =-inf"}, n: 1, wantErr: `bucket 0 is "=-inf"`},
-		{name: "state nil", reply: []any{int64(0), nil}, n: 1, wantErr: "bucket state is <nil>"},
-		{name: "not an array", reply: "OK", n: 1, wantErr: "string, want an array"},
-		{name: "nil", reply: nil, n: 1, wantErr: "<nil>, want an array"},
+		{name: "applied", reply: "1 1000000 -50000023 =1250000", n: 2, wantVerdict: applied, wantLevels: []float64{1.5, -0.25}},
+		{name: "denied", reply: "0 1000000 90000023", n: 1, wantVerdict: denied, wantLevels: []float64{0.1}},
+		{name: "duplicate", reply: "2 1000000 400000023 - =-1e+300", n: 3, wantVerdict: duplicate, wantLevels: []float64{-3, 10, 10}},
+		{name: "full", reply: "1 1000000 -", n: 1, wantVerdict: applied, wantLevels: []float64{10}},
+		{name: "refilled beyond capacity", reply: "1 1000000 -2000000000023", n: 1, wantVerdict: applied, wantLevels: []float64{10}},
+		{name: "class digits only", reply: "1 1000000 523", n: 1, wantVerdict: applied, wantLevels: []float64{0.999995}},
+		{name: "debt beyond float range", reply: "1 1000000 =inf", n: 1, wantVerdict: applied, wantLevels: []float64{math.Inf(-1)}},
+		{name: "empty", reply: "", n: 1, wantErr: `"", want a verdict`},
+		{name: "verdict alone", reply: "1", n: 1, wantErr: `"1", want a verdict`},
+		{name: "verdict out of range", reply: "3 1 -", n: 1, wantErr: `"3 1 -", want a verdict`},
+		{name: "verdict negative", reply: "-1 1 -", n: 1, wantErr: "want a verdict"},
+		{name: "verdict of two digits", reply: "01 1 -", n: 1, wantErr: "want a verdict"},
+		{name: "no state", reply: "1 ", n: 1, wantErr: `bucket state "", want the present and 1 buckets`},
+		{name: "no present", reply: "1 -", n: 1, wantErr: `bucket state "-", want the present and 1 buckets`},
+		{name: "present not a number", reply: "1 x -", n: 1, wantErr: `want the present`},
+		{name: "present NaN", reply: "1 nan -", n: 1, wantErr: `want the present`},
+		{name: "too few buckets", reply: "1 1 - -", n: 3, wantErr: `bucket state "1 - -", want the present and 3 buckets`},
+		{name: "too many buckets", reply: "1 1 - -", n: 1, wantErr: `want the present and 1 buckets`},
+		{name: "no buckets", reply: "1 1 ", n: 1, wantErr: `bucket 0 is ""`},
+		{name: "double space", reply: "1 1 -  -", n: 2, wantErr: "want the present and 2 buckets"},
+		{name: "trailing space", reply: "1 1 - ", n: 1, wantErr: "want the present and 1 buckets"},
+		{name: "bucket not a number", reply: "1 1 - x", n: 2, wantErr: `bucket 1 is "x"`},
+		{name: "bucket without class", reply: "1 1 12", n: 1, wantErr: `bucket 0 is "12"`},
+		{name: "bucket with a fraction", reply: "1 1 123.5", n: 1, wantErr: `bucket 0 is "123.5"`},
+		{name: "bucket NaN", reply: "1 1 =nan", n: 1, wantErr: `bucket 0 is "=nan"`},
+		{name: "bucket minus infinity", reply: "1 1 =-inf", n: 1, wantErr: `bucket 0 is "=-inf"`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
@@ -89,23 +88,23 @@ func TestParseLeaseReply(t *testing.T) {
 	t.Parallel()
 	for _, tc := range []struct {
 		name         string
-		reply        any
+		reply        string
 		wantAcquired bool
 		wantInUse    int
 		wantErr      string
 	}{
-		{name: "acquired", reply: []any{int64(1), int64(3)}, wantAcquired: true, wantInUse: 3},
-		{name: "denied", reply: []any{int64(0), int64(5)}, wantInUse: 5},
-		{name: "released", reply: []any{int64(0), int64(0)}},
-		{name: "too short", reply: []any{int64(1)}, wantErr: "1 elements, want 2"},
-		{name: "too long", reply: []any{int64(1), int64(1), int64(1)}, wantErr: "3 elements, want 2"},
-		{name: "flag not integer", reply: []any{"1", int64(1)}, wantErr: "acquired flag is string"},
-		{name: "flag out of range", reply: []any{int64(2), int64(1)}, wantErr: "acquired flag is int64 2"},
-		{name: "count not integer", reply: []any{int64(1), "1"}, wantErr: "in-use count is string"},
-		{name: "acquired but none in use", reply: []any{int64(1), int64(0)}, wantErr: "in-use count is int64 0"},
-		{name: "negative count", reply: []any{int64(0), int64(-1)}, wantErr: "in-use count is int64 -1"},
-		{name: "nil count", reply: []any{int64(0), nil}, wantErr: "in-use count is <nil>"},
-		{name: "not an array", reply: int64(1), wantErr: "int64, want an array"},
+		{name: "acquired", reply: "1 3", wantAcquired: true, wantInUse: 3},
+		{name: "denied", reply: "0 5", wantInUse: 5},
+		{name: "released", reply: "0 0"},
+		{name: "empty", reply: "", wantErr: `"", want an acquired flag`},
+		{name: "too short", reply: "1", wantErr: `"1", want an acquired flag`},
+		{name: "too long", reply: "1 1 1", wantErr: `in-use count "1 1"`},
+		{name: "flag not a number", reply: "x 1", wantErr: "want an acquired flag"},
+		{name: "flag out of range", reply: "2 1", wantErr: "want an acquired flag"},
+		{name: "count not a number", reply: "1 x", wantErr: `in-use count "x"`},
+		{name: "acquired but none in use", reply: "1 0", wantErr: `in-use count "0", want an integer from 1`},
+		{name: "negative count", reply: "0 -1", wantErr: `in-use count "-1"`},
+		{name: "no count", reply: "0 ", wantErr: `in-use count ""`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
@@ -226,5 +225,34 @@ func TestEscape(t *testing.T) {
 				t.Fatalf("escape(%q) is not deterministic", tc.in)
 			}
 		})
+	}
+}
+
+func TestSplitLines(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		text    string
+		n       int
+		want    []string
+		wantErr string
+	}{
+		{text: "1 2 -", n: 1, want: []string{"1 2 -"}},
+		{text: "1 2 -\n0 0\n!ERR x", n: 3, want: []string{"1 2 -", "0 0", "!ERR x"}},
+		{text: "a\n\nb", n: 3, want: []string{"a", "", "b"}},
+		{text: "a\nb", n: 3, wantErr: "2 lines for 3 operations"},
+		{text: "", n: 2, wantErr: "1 lines for 2 operations"},
+		{text: "a\nb", n: 1, wantErr: "more than 1 lines for 1 operations"},
+		{text: "a\n", n: 1, wantErr: "more than 1 lines"},
+	} {
+		got, err := splitLines(tc.text, tc.n)
+		if tc.wantErr != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.wantErr) || !errors.Is(err, bucket.ErrOutcomeUnknown) {
+				t.Errorf("splitLines(%q, %d) error = %v, want ErrOutcomeUnknown and %q", tc.text, tc.n, err, tc.wantErr)
+			}
+			continue
+		}
+		if err != nil || !slices.Equal(got, tc.want) {
+			t.Errorf("splitLines(%q, %d) = %q, %v; want %q", tc.text, tc.n, got, err, tc.want)
+		}
 	}
 }
