@@ -26,6 +26,7 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"math/rand/v2"
 	"os"
 	"os/signal"
 	"runtime"
@@ -154,6 +155,9 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 		return nil, fmt.Errorf("-runs must be at least 1, got %d", o.runs)
 	case o.identities < 1 || o.users < 1 || o.pool < 1:
 		return nil, fmt.Errorf("-identities, -users and -pool must be at least 1, got %d, %d and %d", o.identities, o.users, o.pool)
+	case slices.Max(o.callers) > o.users:
+		// The many-users workload gives each caller subjects of its own.
+		return nil, fmt.Errorf("-users must be at least the largest of -callers, got %d users and %d callers", o.users, slices.Max(o.callers))
 	case o.e2eProtocol != "h1" && o.e2eProtocol != "h2c":
 		return nil, fmt.Errorf("-e2e-protocol must be h1 or h2c, got %q", o.e2eProtocol)
 	}
@@ -414,8 +418,29 @@ func medianRow(rows []row) row {
 // figures returns pointers to every numeric figure of r.
 func (r *row) figures() []*float64 {
 	return []*float64{
-		&r.opsPerSec, &r.p50, &r.p99, &r.errs, &r.redisCPU, &r.redisCalls, &r.redisCmds, &r.callsDenied,
+		&r.opsPerSec, &r.p50, &r.p99, &r.errs, &r.clientCPU, &r.redisCPU, &r.redisCalls, &r.redisCmds, &r.callsDenied,
 		&r.overAdmitted, &r.deniedShare, &r.bytesPer, &r.allocs, &r.ratioOps, &r.ratioP99, &r.ratioBytes,
+	}
+}
+
+// manyUsers returns the many-users workload of callers callers on p: caller
+// c of n draws each call's subject at random, with a generator of its own,
+// from subjects c, c+n, c+2n, … of b.users, so that callers never share a
+// subject, and subjects come back in no particular order, as a server's
+// callers do. Walking them in a fixed order would also walk, in the order
+// they were allocated, whatever a peer allocates per subject on its first
+// call (x/time/rate's limiters): hardware prefetching rewards that, and no
+// server sees it.
+func (b *bench) manyUsers(p peer, callers int) opFunc {
+	users := b.users
+	rngs := make([]*rand.Rand, callers)
+	for c := range rngs {
+		rngs[c] = rand.New(rand.NewPCG(uint64(c), uint64(b.cells)))
+	}
+	return func(ctx context.Context, caller, _ int) (bool, error) {
+		// Subjects c, c+n, … below len(users): ceil((len-c)/n) of them.
+		own := (len(users) - caller + callers - 1) / callers
+		return p.decide(ctx, users[caller+callers*rngs[caller].IntN(own)])
 	}
 }
 
@@ -443,10 +468,7 @@ func (b *bench) cell(ctx context.Context, name, workload string, callers int) (r
 		section = "Redis"
 	}
 	r := newRow(section, name, workload, callers)
-	users := b.users
-	many := func(ctx context.Context, caller, i int) (bool, error) {
-		return p.decide(ctx, users[(caller+i*callers)%len(users)])
-	}
+	many := b.manyUsers(p, callers)
 	op := many
 	hot := workload == "one hot user"
 	if hot {
@@ -481,6 +503,7 @@ func (b *bench) cell(ctx context.Context, name, workload string, callers int) (r
 	r.errs = float64(res.errs)
 	r.deniedShare = float64(res.denied) / ops
 	r.allocs = float64(res.mallocs) / ops
+	r.clientCPU = res.cpu.Seconds() * 1e6 / ops
 	if hot {
 		r.overAdmitted = math.Max(0, math.Floor(float64(res.allowed)-b.o.limit.bound(res.elapsed)))
 	}
@@ -580,6 +603,7 @@ func (b *bench) e2e(ctx context.Context) ([]row, error) {
 				}
 				r.deniedShare = float64(res.denied) / float64(res.ops)
 				r.allocs = float64(res.mallocs) / float64(res.ops)
+				r.clientCPU = res.cpu.Seconds() * 1e6 / float64(res.ops)
 				pair[i] = r
 				fmt.Fprintf(b.log, "bench: run %d, %s, %d callers: %.0f calls/s, p99 %s\n", run+1, peer, callers, r.opsPerSec, latency(r.p99))
 			}

@@ -55,6 +55,7 @@ func TestParseFlags(t *testing.T) {
 		},
 		{name: "unknown name", args: []string{"-only", "nope"}, wantErr: true},
 		{name: "bad callers", args: []string{"-callers", "1,x"}, wantErr: true},
+		{name: "more callers than users", args: []string{"-callers", "16", "-users", "8"}, wantErr: true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

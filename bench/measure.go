@@ -8,6 +8,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -101,6 +102,10 @@ type cellResult struct {
 	// mallocs is the number of heap allocations the whole process made
 	// during the run (runtime.MemStats.Mallocs), every goroutine included.
 	mallocs uint64
+	// cpu is the CPU time (user and system) the whole process used during
+	// the run, every thread included: the peer, its client library and the
+	// harness's callers.
+	cpu time.Duration
 }
 
 // rate returns decisions per second.
@@ -132,6 +137,7 @@ func drive(ctx context.Context, callers int, d time.Duration, op opFunc) *cellRe
 	var wg sync.WaitGroup
 	var before, after runtime.MemStats
 	runtime.ReadMemStats(&before)
+	cpuBefore := processCPU()
 	start := time.Now()
 	timer := time.AfterFunc(d, func() { stop.Store(true) })
 	defer timer.Stop()
@@ -159,7 +165,7 @@ func drive(ctx context.Context, callers int, d time.Duration, op opFunc) *cellRe
 		})
 	}
 	wg.Wait()
-	res := &cellResult{elapsed: time.Since(start)}
+	res := &cellResult{elapsed: time.Since(start), cpu: processCPU() - cpuBefore}
 	runtime.ReadMemStats(&after)
 	res.mallocs = after.Mallocs - before.Mallocs
 	for i := range stats {
@@ -190,4 +196,14 @@ func median(xs []float64) float64 {
 		return xs[mid]
 	}
 	return (xs[mid-1] + xs[mid]) / 2
+}
+
+// processCPU returns the CPU time, user and system, the process has used so
+// far, or 0 if the system does not say.
+func processCPU() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }

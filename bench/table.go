@@ -22,6 +22,7 @@ type row struct {
 	opsPerSec    float64
 	p50, p99     float64 // nanoseconds
 	errs         float64
+	clientCPU    float64 // microseconds of this process's CPU per decision
 	redisCPU     float64 // microseconds of Redis CPU per decision
 	redisCalls   float64 // commands sent to Redis per decision
 	redisCmds    float64 // commands Redis ran per decision, in scripts too
@@ -43,7 +44,7 @@ func newRow(section, peer, workload string, callers int) row {
 	nan := math.NaN()
 	return row{
 		section: section, peer: peer, workload: workload, callers: callers,
-		opsPerSec: nan, p50: nan, p99: nan, errs: nan, redisCPU: nan, redisCalls: nan, redisCmds: nan,
+		opsPerSec: nan, p50: nan, p99: nan, errs: nan, clientCPU: nan, redisCPU: nan, redisCalls: nan, redisCmds: nan,
 		callsDenied: nan, overAdmitted: nan, deniedShare: nan, bytesPer: nan, allocs: nan,
 		ratioOps: nan, ratioP99: nan, ratioBytes: nan,
 	}
@@ -72,6 +73,7 @@ var columns = []column{
 	{"p99", func(r *row) string { return latency(r.p99) }},
 	{"errors", func(r *row) string { return count(r.errs) }},
 	{"denied", func(r *row) string { return percent(r.deniedShare) }},
+	{"client CPU µs/dec", func(r *row) string { return fixed(r.clientCPU, 2) }},
 	{"Redis CPU µs/dec", func(r *row) string { return fixed(r.redisCPU, 2) }},
 	{"Redis calls/dec", func(r *row) string { return fixed(r.redisCalls, 3) }},
 	{"Redis cmds/dec", func(r *row) string { return fixed(r.redisCmds, 2) }},
