@@ -26,7 +26,7 @@
 // subjects (a scan, spoofed addresses, random API keys) cannot grow it
 // without end. When a charge would add a bucket to a shard that is at its
 // bound, the Store evicts the bucket of that shard that will be full
-// soonest. Evicting a bucket is forgetting it, which is treating it as full,
+// soonest, the new one included (which is then not added). Evicting a bucket is forgetting it, which is treating it as full,
 // so an eviction is the only way a Store over-admits: it lets the evicted
 // bucket's subject take at most capacity − level tokens more than it
 // should, and the evicted bucket is always the one in its shard nearest to
@@ -500,8 +500,9 @@ func (s *Store) take(sh *shard, req *bucket.Request, now int64, w []chargeWork) 
 
 // store records that the bucket k, whose hash is h and which is in slot (-1
 // if it is not stored), holds tokens at now, and will be full resetAfter
-// later. A full bucket is deleted, and a new one added, evicting another
-// if the shard is at its bound. It reports whether it removed a bucket,
+// later. A full bucket is deleted, and a new one added; if the shard is
+// at its bound, the bucket nearest to full goes, which may be the new one
+// (it is then not added). It reports whether it removed a stored bucket,
 // which moves another into the removed one's slot. The caller holds sh.mu.
 func (s *Store) store(sh *shard, k key, h uint32, slot int32, tokens, capacity float64, now int64, resetAfter time.Duration) (removed bool) {
 	full := tokens >= capacity
@@ -525,6 +526,12 @@ func (s *Store) store(sh *shard, k key, h uint32, slot int32, tokens, capacity f
 		// A full bucket is not stored.
 	default:
 		if len(sh.entries) >= s.perShard {
+			if fullAt <= sh.entries[sh.root()].fullAt {
+				// The new bucket would be full first: forgetting it
+				// forgets the least.
+				sh.evictions++
+				return false
+			}
 			sh.evict(now)
 			removed = true
 		}

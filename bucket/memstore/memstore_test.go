@@ -234,8 +234,8 @@ func TestEvictionOrder(t *testing.T) {
 		},
 		{
 			name:          "a heavy charge moves a bucket to the back",
-			ops:           []op{{bucket: "b", cost: 9}, {bucket: "e", cost: 1}},
-			wantLevels:    map[string]float64{"a": 5, "b": 0, "c": 1, "d": 10, "e": 9},
+			ops:           []op{{bucket: "b", cost: 9}, {bucket: "e", cost: 4}},
+			wantLevels:    map[string]float64{"a": 5, "b": 0, "c": 1, "d": 10, "e": 6},
 			wantEvictions: 1,
 		},
 		{
@@ -245,9 +245,11 @@ func TestEvictionOrder(t *testing.T) {
 			wantEvictions: 1,
 		},
 		{
-			name:          "the newest bucket can go next",
+			// e and f would be full before b: each goes itself, and is
+			// not added.
+			name:          "a new bucket nearest to full goes itself",
 			ops:           []op{{bucket: "e", cost: 0.5}, {bucket: "f", cost: 0.5}},
-			wantLevels:    map[string]float64{"a": 5, "b": 10, "c": 1, "d": 7, "e": 10, "f": 9.5},
+			wantLevels:    map[string]float64{"a": 5, "b": 9, "c": 1, "d": 7},
 			wantEvictions: 2,
 		},
 		{
