@@ -5,10 +5,10 @@
 //
 // A Proxy is a github.com/Shopify/toxiproxy/v2 proxy run in the test's own
 // process (no toxiproxy binary, no HTTP API) on a free 127.0.0.1 port, with
-// its logging off. Its faults are toxiproxy toxics: its own latency toxic,
-// and a toxic of this package that drops or resets like toxiproxy's timeout
-// and reset_peer toxics without leaking goroutines (see faultToxic). Each
-// method's doc says what a client then sees.
+// its logging off. Its faults come from a toxic of this package that delays,
+// drops or resets like toxiproxy's latency, timeout and reset_peer toxics
+// without leaking goroutines (see faultToxic). Each method's doc says what a
+// client then sees.
 //
 // Only _test.go files and benchmark programs import this package. It is a
 // package of its own, not part of redistest, so that the tests that only need
@@ -29,6 +29,7 @@ import (
 	"time"
 
 	"github.com/Shopify/toxiproxy/v2"
+	"github.com/Shopify/toxiproxy/v2/stream"
 	"github.com/Shopify/toxiproxy/v2/toxics"
 	"github.com/rs/zerolog"
 
@@ -36,12 +37,11 @@ import (
 )
 
 // Names of the toxics a Proxy adds. Every Proxy has a fault toxic in each
-// direction from the start; Latency and ResetPeer add toxiproxy's own toxics
-// behind them while they last.
+// direction from the start; ResetPeer adds toxiproxy's reset_peer toxic
+// behind the upstream one while it lasts.
 const (
 	upFaultToxic   = "fault_upstream"
 	downFaultToxic = "fault_downstream"
-	latencyToxic   = "latency"
 	lingerToxic    = "reset_linger"
 )
 
@@ -74,6 +74,8 @@ type Proxy struct {
 // faults is what a Proxy's fault toxics do to each chunk of data.
 type faults struct {
 	blackhole, dropReplies, reset atomic.Bool
+	// latency delays what the upstream sends, in nanoseconds.
+	latency atomic.Int64
 }
 
 // NewProxy starts a proxy to upstream ("host:port") on a free 127.0.0.1 port
@@ -130,16 +132,12 @@ func (p *Proxy) Upstream() string { return p.upstream }
 // the millisecond, so that each reply reaches the client d later than it
 // would have (requests are not delayed, and a pipeline's replies are delayed
 // together, not one after another). Calling it again replaces the delay; a
-// d <= 0 removes it.
+// d <= 0 removes it. It acts as toxiproxy's "latency" toxic would, without
+// its leak: that one, removed while it holds a chunk for a client that has
+// gone, blocks for good handing it on. The error is always nil.
 func (p *Proxy) Latency(d time.Duration) error {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if err := p.removeLocked(latencyToxic); err != nil || d <= 0 {
-		return err
-	}
-	ms := int64((d + time.Millisecond - 1) / time.Millisecond)
-	_, err := p.addLocked(latencyToxic, "latency", streamDown, 1, map[string]any{"latency": ms})
-	return err
+	p.faults.latency.Store(int64(max(0, (d+time.Millisecond-1)/time.Millisecond*time.Millisecond)))
+	return nil
 }
 
 // Blackhole makes the proxy a black hole, like a network partition between
@@ -221,8 +219,8 @@ func (p *Proxy) Clear() {
 	p.faults.blackhole.Store(false)
 	p.faults.dropReplies.Store(false)
 	p.faults.reset.Store(false)
-	// Neither can fail: both toxics are known to toxiproxy.
-	_ = p.removeLocked(latencyToxic)
+	p.faults.latency.Store(0)
+	// It cannot fail: the toxic is known to toxiproxy.
 	_ = p.removeLocked(lingerToxic)
 }
 
@@ -296,15 +294,55 @@ func (t *faultToxic) Pipe(stub *toxics.ToxicStub) {
 			case t.faults.blackhole.Load(), !t.upstream && t.faults.dropReplies.Load():
 				// Dropped.
 			default:
-				select {
-				case stub.Output <- c:
-				case <-stub.Interrupt:
-					// Toxiproxy is linking a toxic after this one: hand the
-					// chunk on first, as its own toxics do.
-					stub.Output <- c
+				if !t.forward(stub, c) {
 					return
 				}
 			}
 		}
+	}
+}
+
+// forwardTimeout is how long faultToxic waits for toxiproxy to take a chunk
+// before it takes the connection for gone. On loopback a live connection
+// takes one in microseconds.
+const forwardTimeout = 250 * time.Millisecond
+
+// forward hands c on, after the latency set for replies, and reports
+// whether the toxic goes on. Toxiproxy's writer stops taking chunks once a
+// write to the client fails, so that a chunk handed to a connection that
+// has just gone would block this goroutine for good: one not taken within
+// forwardTimeout is dropped, with everything after it until the connection
+// ends.
+func (t *faultToxic) forward(stub *toxics.ToxicStub, c *stream.StreamChunk) bool {
+	if d := time.Duration(t.faults.latency.Load()); d > 0 && !t.upstream {
+		if wait := time.Until(c.Timestamp.Add(d)); wait > 0 {
+			timer := time.NewTimer(wait)
+			select {
+			case <-timer.C:
+			case <-stub.Interrupt:
+				// Only a toxic linked after this one interrupts it, and
+				// none is linked downstream.
+				timer.Stop()
+				stub.Output <- c
+				return false
+			}
+		}
+	}
+	timer := time.NewTimer(forwardTimeout)
+	defer timer.Stop()
+	select {
+	case stub.Output <- c:
+		return true
+	case <-stub.Interrupt:
+		// Toxiproxy is linking a toxic after this one: hand the chunk on
+		// first, as its own toxics do.
+		stub.Output <- c
+		return false
+	case <-timer.C:
+		for range stub.Input {
+		}
+		// Closed, so that toxiproxy no longer interrupts this stub.
+		stub.Close()
+		return false
 	}
 }
