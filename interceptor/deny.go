@@ -78,13 +78,30 @@ func connectError(err error) error {
 // setFields writes limiter header fields into h.
 func setFields(h http.Header, fields []limiter.Field) {
 	for _, f := range fields {
+		// As h.Set and h.Del do, but with the canonical name computed
+		// once: "RateLimit-Policy" is not canonical, and canonicalising it
+		// makes a new string on every call.
+		name, ok := canonicalNames[f.Name]
+		if !ok {
+			name = http.CanonicalHeaderKey(f.Name)
+		}
 		if f.Value == "" {
-			h.Del(f.Name)
+			delete(h, name)
 		} else {
-			h.Set(f.Name, f.Value)
+			h[name] = []string{f.Value}
 		}
 	}
 }
+
+// canonicalNames maps the name of every header field the limiter sets to
+// its canonical form.
+var canonicalNames = func() map[string]string {
+	m := make(map[string]string)
+	for _, name := range limiter.HeaderNames() {
+		m[name] = http.CanonicalHeaderKey(name)
+	}
+	return m
+}()
 
 // message returns msg as a proto.Message, or nil.
 func message(msg any) proto.Message {

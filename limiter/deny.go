@@ -157,7 +157,7 @@ func concurrencyDenial(subject, name string, d bucket.LeaseDecision) *Error {
 }
 
 // headerSetter is where header fields are written: an http.Header, or a
-// fieldSet.
+// fieldList.
 type headerSetter interface {
 	Set(name, value string)
 	Del(name string)
@@ -194,18 +194,26 @@ func (l *Limiter) setHeaders(h headerSetter, d *bucket.Decision) {
 // setRateLimitFields writes the RateLimit-Policy and RateLimit fields for
 // every bucket of a decision.
 func setRateLimitFields(h headerSetter, d *bucket.Decision) {
-	var policy, state strings.Builder
-	for i, b := range d.Buckets {
+	// Appended on the stack rather than formatted with fmt, which boxes
+	// every argument: every limited call writes these two fields.
+	var pbuf, sbuf [256]byte
+	policy, state := pbuf[:0], sbuf[:0]
+	for i := range d.Buckets {
+		b := &d.Buckets[i]
 		if i > 0 {
-			policy.WriteString(", ")
-			state.WriteString(", ")
+			policy = append(policy, ", "...)
+			state = append(state, ", "...)
 		}
 		window := int64(min(math.Ceil(b.Limit.Capacity/b.Limit.RefillPerSecond), math.MaxInt32))
-		fmt.Fprintf(&policy, "%q;q=%d;w=%d", b.Bucket, int64(b.Limit.Capacity), window)
-		fmt.Fprintf(&state, "%q;r=%d;t=%d", b.Bucket, int64(math.Max(0, b.Remaining)), ceilSeconds(b.ResetAfter))
+		policy = strconv.AppendQuote(policy, b.Bucket)
+		policy = strconv.AppendInt(append(policy, ";q="...), int64(b.Limit.Capacity), 10)
+		policy = strconv.AppendInt(append(policy, ";w="...), window, 10)
+		state = strconv.AppendQuote(state, b.Bucket)
+		state = strconv.AppendInt(append(state, ";r="...), int64(math.Max(0, b.Remaining)), 10)
+		state = strconv.AppendInt(append(state, ";t="...), ceilSeconds(b.ResetAfter), 10)
 	}
-	h.Set(HeaderRateLimitPolicy, policy.String())
-	h.Set(HeaderRateLimit, state.String())
+	h.Set(HeaderRateLimitPolicy, string(policy))
+	h.Set(HeaderRateLimit, string(state))
 }
 
 // ceilSeconds rounds d up to whole seconds.

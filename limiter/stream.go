@@ -22,22 +22,34 @@ func (l *Limiter) HeaderFields(d *bucket.Decision) []Field {
 	if d == nil {
 		return nil
 	}
-	h := make(fieldSet, 3)
-	l.setHeaders(h, d)
-	fields := make([]Field, 0, 3)
-	for _, name := range []string{HeaderRateLimitPolicy, HeaderRateLimit, HeaderWarning} {
-		if v, ok := h[name]; ok {
-			fields = append(fields, Field{Name: name, Value: v})
-		}
-	}
-	return fields
+	f := &fieldList{}
+	l.setHeaders(f, d)
+	return f.fields
 }
 
-// fieldSet collects header fields; deleted ones map to "".
-type fieldSet map[string]string
+// fieldList collects header fields in the order they are first set (the
+// RateLimit-Policy, RateLimit and warning fields); a deleted one keeps its
+// place, with an empty value. Its room for those three is part of it, so
+// that collecting them costs one allocation.
+type fieldList struct {
+	room   [3]Field
+	fields []Field
+}
 
-func (f fieldSet) Set(name, value string) { f[name] = value }
-func (f fieldSet) Del(name string)        { f[name] = "" }
+func (f *fieldList) Set(name, value string) {
+	for i := range f.fields {
+		if f.fields[i].Name == name {
+			f.fields[i].Value = value
+			return
+		}
+	}
+	if f.fields == nil {
+		f.fields = f.room[:0]
+	}
+	f.fields = append(f.fields, Field{Name: name, Value: value})
+}
+
+func (f *fieldList) Del(name string) { f.Set(name, "") }
 
 // Stream is the state a limited stream's Receive and Send share, for the
 // adapters' stream wrappers. Connect lets Receive and Send run in two
