@@ -526,13 +526,14 @@ func (s *Store) store(sh *shard, k key, h uint32, slot int32, tokens, capacity f
 		// A full bucket is not stored.
 	default:
 		if len(sh.entries) >= s.perShard {
-			if fullAt <= sh.entries[sh.root()].fullAt {
+			root := sh.root()
+			if fullAt <= sh.entries[root].fullAt {
 				// The new bucket would be full first: forgetting it
 				// forgets the least.
 				sh.evictions++
 				return false
 			}
-			sh.evict(now)
+			sh.evict(root, now)
 			removed = true
 		}
 		sh.insert(entry{key: k, tokens: tokens, at: now, fullAt: fullAt, hash: h}, s.perShard)
@@ -573,11 +574,10 @@ func appendBounded[T any](s []T, v T, bound int) []T {
 	return append(s, v)
 }
 
-// evict removes the bucket nearest to full, to make room for another. It
-// counts an eviction unless that bucket is full by now anyway. The caller
-// holds sh.mu.
-func (sh *shard) evict(now int64) {
-	slot := sh.root()
+// evict removes the bucket in slot, the shard's root (see root), to make
+// room for another. It counts an eviction unless that bucket is full by now
+// anyway. The caller holds sh.mu.
+func (sh *shard) evict(slot int32, now int64) {
 	if sh.entries[slot].fullAt > now {
 		sh.evictions++
 	}

@@ -274,6 +274,9 @@ type faultToxic struct {
 
 // Pipe implements toxics.Toxic.
 func (t *faultToxic) Pipe(stub *toxics.ToxicStub) {
+	// One timer for every chunk of the connection (see forward).
+	timer := time.NewTimer(forwardTimeout)
+	defer timer.Stop()
 	for {
 		select {
 		case <-stub.Interrupt:
@@ -294,7 +297,7 @@ func (t *faultToxic) Pipe(stub *toxics.ToxicStub) {
 			case t.faults.blackhole.Load(), !t.upstream && t.faults.dropReplies.Load():
 				// Dropped.
 			default:
-				if !t.forward(stub, c) {
+				if !t.forward(stub, c, timer) {
 					return
 				}
 			}
@@ -312,24 +315,23 @@ const forwardTimeout = 250 * time.Millisecond
 // write to the client fails, so that a chunk handed to a connection that
 // has just gone would block this goroutine for good: one not taken within
 // forwardTimeout is dropped, with everything after it until the connection
-// ends.
-func (t *faultToxic) forward(stub *toxics.ToxicStub, c *stream.StreamChunk) bool {
+// ends. It waits on timer, which it resets (a stale tick never fires since
+// Go 1.23).
+func (t *faultToxic) forward(stub *toxics.ToxicStub, c *stream.StreamChunk, timer *time.Timer) bool {
 	if d := time.Duration(t.faults.latency.Load()); d > 0 && !t.upstream {
 		if wait := time.Until(c.Timestamp.Add(d)); wait > 0 {
-			timer := time.NewTimer(wait)
+			timer.Reset(wait)
 			select {
 			case <-timer.C:
 			case <-stub.Interrupt:
 				// Only a toxic linked after this one interrupts it, and
 				// none is linked downstream.
-				timer.Stop()
 				stub.Output <- c
 				return false
 			}
 		}
 	}
-	timer := time.NewTimer(forwardTimeout)
-	defer timer.Stop()
+	timer.Reset(forwardTimeout)
 	select {
 	case stub.Output <- c:
 		return true
