@@ -440,7 +440,7 @@ func (b *bench) manyUsers(p peer, callers int) opFunc {
 	return func(ctx context.Context, caller, _ int) (bool, error) {
 		// Subjects c, c+n, … below len(users): ceil((len-c)/n) of them.
 		own := (len(users) - caller + callers - 1) / callers
-		return p.decide(ctx, users[caller+callers*rngs[caller].IntN(own)])
+		return p.decide(ctx, caller, users[caller+callers*rngs[caller].IntN(own)])
 	}
 }
 
@@ -453,7 +453,7 @@ func (b *bench) warmup() time.Duration {
 // cell measures one peer on one workload at one number of callers, with a
 // new peer (so a new client and connection pool), after a warm-up.
 func (b *bench) cell(ctx context.Context, name, workload string, callers int) (row, error) {
-	cfg := peerConfig{limit: b.o.limit, buckets: oneBucket, pool: b.o.pool}
+	cfg := peerConfig{limit: b.o.limit, buckets: oneBucket, pool: b.o.pool, callers: callers}
 	if b.rs != nil {
 		cfg.addr = b.rs.srv.Addr()
 	}
@@ -473,12 +473,12 @@ func (b *bench) cell(ctx context.Context, name, workload string, callers int) (r
 	hot := workload == "one hot user"
 	if hot {
 		warmSubject := fmt.Sprintf("hot:%d:warm", b.cells)
-		op = func(ctx context.Context, _, _ int) (bool, error) { return p.decide(ctx, warmSubject) }
+		op = func(ctx context.Context, caller, _ int) (bool, error) { return p.decide(ctx, caller, warmSubject) }
 	}
 	drive(ctx, callers, b.warmup(), op)
 	if hot {
 		subject := fmt.Sprintf("hot:%d", b.cells)
-		op = func(ctx context.Context, _, _ int) (bool, error) { return p.decide(ctx, subject) }
+		op = func(ctx context.Context, caller, _ int) (bool, error) { return p.decide(ctx, caller, subject) }
 	}
 	var before, after redisSnapshot
 	rp, isRedis := p.(redisPeer)

@@ -34,14 +34,14 @@ func load(ctx context.Context, p peer, ids []string) (errs, denied uint64, first
 	var next, nErrs, nDenied atomic.Uint64
 	var mu sync.Mutex
 	var wg sync.WaitGroup
-	for range loadWorkers {
+	for w := range loadWorkers {
 		wg.Go(func() {
 			for ctx.Err() == nil {
 				i := next.Add(1) - 1
 				if i >= uint64(len(ids)) {
 					return
 				}
-				ok, err := p.decide(ctx, ids[i])
+				ok, err := p.decide(ctx, w, ids[i])
 				switch {
 				case err != nil:
 					nErrs.Add(1)
@@ -115,7 +115,7 @@ func redisMemory(ctx context.Context, rs *redisServer, names []string, ids []str
 // that the clients' query and output buffers (which follow the traffic,
 // and shrink while a connection idles) do not count.
 func redisBytesPerBucket(ctx context.Context, rs *redisServer, name string, ids []string, shape redisMemoryShape, pool int, log io.Writer) (float64, error) {
-	cfg := peerConfig{limit: shape.limit, buckets: shape.buckets, addr: rs.srv.Addr(), pool: pool}
+	cfg := peerConfig{limit: shape.limit, buckets: shape.buckets, addr: rs.srv.Addr(), pool: pool, callers: loadWorkers}
 	// Load the peer's script before the baseline (FLUSHALL keeps
 	// scripts), so that it does not count.
 	warm, err := newPeer(name, cfg)
@@ -234,7 +234,7 @@ func heapMemory(ctx context.Context, names []string, ids, users []string, base l
 			// bucket, so that the count is that of a steady state.
 			subjects := users[:min(len(users), allocSubjects)]
 			for _, s := range subjects {
-				_, _ = p.decide(ctx, s)
+				_, _ = p.decide(ctx, 0, s)
 			}
 			i := 0
 			allocs := testing.AllocsPerRun(10_000, func() {
@@ -243,7 +243,7 @@ func heapMemory(ctx context.Context, names []string, ids, users []string, base l
 					subject = subjects[i%len(subjects)]
 					i++
 				}
-				_, _ = p.decide(ctx, subject)
+				_, _ = p.decide(ctx, 0, subject)
 			})
 			_ = p.close()
 			workload := "allocs, many users"
@@ -273,7 +273,7 @@ func heapBytesPerBucket(ctx context.Context, name string, ids []string, buckets 
 	}
 	defer func() { _ = p.close() }()
 	for _, id := range ids {
-		if ok, err := p.decide(ctx, id); err != nil || !ok {
+		if ok, err := p.decide(ctx, 0, id); err != nil || !ok {
 			return 0, fmt.Errorf("loading %s: allowed %v, error %w", id, ok, err)
 		}
 	}

@@ -42,7 +42,10 @@ type peer interface {
 	// them or none in one call; the others have no multi-bucket call, so
 	// decide charges them one after the other and stops at the first
 	// denial. err reports a failure of the backend only.
-	decide(ctx context.Context, subject string) (allowed bool, err error)
+	// caller is the number of the calling goroutine, from 0 to
+	// peerConfig.callers - 1, so that a peer may keep scratch space per
+	// caller; no two goroutines call with the same number at once.
+	decide(ctx context.Context, caller int, subject string) (allowed bool, err error)
 	// close releases what the peer opened (not the Redis server).
 	close() error
 }
@@ -60,6 +63,9 @@ type peerConfig struct {
 	// maxBuckets bounds memstore's buckets when > 0; otherwise memstore
 	// keeps its default bound.
 	maxBuckets int
+	// callers is how many goroutines call decide at once at most; 0
+	// means 1.
+	callers int
 }
 
 // redisPeer is a peer whose buckets live in Redis.
@@ -188,7 +194,7 @@ func (p *redisStorePeer) sent() uint64 { return p.count.Load() }
 func (p *redisStorePeer) close() error { return p.client.Close() }
 
 // decide implements peer.
-func (p *redisStorePeer) decide(ctx context.Context, subject string) (bool, error) {
+func (p *redisStorePeer) decide(ctx context.Context, _ int, subject string) (bool, error) {
 	d, err := p.store.Take(ctx, bucket.Request{Subject: subject, Charges: p.charges})
 	return d.Allowed, err
 }
@@ -263,7 +269,7 @@ func (p *redisRatePeer) sent() uint64 { return p.count.Load() }
 func (p *redisRatePeer) close() error { return p.client.Close() }
 
 // decide implements peer.
-func (p *redisRatePeer) decide(ctx context.Context, subject string) (bool, error) {
+func (p *redisRatePeer) decide(ctx context.Context, _ int, subject string) (bool, error) {
 	for _, suffix := range p.suffixes {
 		res, err := p.limiter.Allow(ctx, subject+suffix, p.limit)
 		if err != nil {
@@ -318,7 +324,7 @@ func (p *textbookPeer) sent() uint64 { return p.count.Load() }
 func (p *textbookPeer) close() error { return p.client.Close() }
 
 // decide implements peer.
-func (p *textbookPeer) decide(ctx context.Context, subject string) (bool, error) {
+func (p *textbookPeer) decide(ctx context.Context, _ int, subject string) (bool, error) {
 	for _, suffix := range p.suffixes {
 		now := strconv.FormatFloat(float64(p.now().UnixMicro())/1e6, 'f', 6, 64)
 		v, err := p.script.Run(ctx, p.client, []string{"tb:{" + subject + suffix}, p.capacity, p.refill, now, "1").Int()
@@ -333,13 +339,16 @@ func (p *textbookPeer) decide(ctx context.Context, subject string) (bool, error)
 }
 
 // memStorePeer is connectlimit's in-memory store, [memstore.Store]. Each
-// decision writes its bucket states into a buffer from a pool
-// (bucket.Request.Into), as a caller that reuses them does, so that it
+// decision writes its bucket states into its caller's own buffer
+// (bucket.Request.Into), as a caller that reuses one does, so that it
 // allocates nothing.
 type memStorePeer struct {
 	store   *memstore.Store
 	charges []bucket.Charge
-	into    sync.Pool // of *[]bucket.BucketState
+	// into[c*stride:][:len(charges)] is caller c's buffer; stride keeps
+	// the buffers of two callers off a common cache line.
+	into   []bucket.BucketState
+	stride int
 }
 
 // newMemStorePeer makes a memstore.Store with its defaults (its sweep
@@ -353,7 +362,15 @@ func newMemStorePeer(cfg peerConfig) (*memStorePeer, error) {
 	if cfg.maxBuckets > 0 {
 		opts = append(opts, memstore.WithMaxBuckets(cfg.maxBuckets))
 	}
-	return &memStorePeer{store: memstore.New(opts...), charges: charges}, nil
+	// Room for one more state than the charges need keeps a cache line
+	// (64 bytes, less than a state) between two callers' buffers.
+	stride := len(charges) + 1
+	return &memStorePeer{
+		store:   memstore.New(opts...),
+		charges: charges,
+		into:    make([]bucket.BucketState, max(cfg.callers, 1)*stride),
+		stride:  stride,
+	}, nil
 }
 
 // name implements peer.
@@ -363,14 +380,9 @@ func (p *memStorePeer) name() string { return peerMemStore }
 func (p *memStorePeer) close() error { return p.store.Close() }
 
 // decide implements peer.
-func (p *memStorePeer) decide(ctx context.Context, subject string) (bool, error) {
-	buf, _ := p.into.Get().(*[]bucket.BucketState)
-	if buf == nil {
-		b := make([]bucket.BucketState, len(p.charges))
-		buf = &b
-	}
-	d, err := p.store.Take(ctx, bucket.Request{Subject: subject, Charges: p.charges, Into: *buf})
-	p.into.Put(buf)
+func (p *memStorePeer) decide(ctx context.Context, caller int, subject string) (bool, error) {
+	into := p.into[caller*p.stride:][:len(p.charges)]
+	d, err := p.store.Take(ctx, bucket.Request{Subject: subject, Charges: p.charges, Into: into})
 	return d.Allowed, err
 }
 
@@ -401,7 +413,7 @@ func (p *xratePeer) name() string { return peerXRate }
 func (p *xratePeer) close() error { return nil }
 
 // decide implements peer.
-func (p *xratePeer) decide(_ context.Context, subject string) (bool, error) {
+func (p *xratePeer) decide(_ context.Context, _ int, subject string) (bool, error) {
 	if p.suffixes == nil {
 		return p.allow(subject), nil
 	}

@@ -179,12 +179,15 @@ func (l Limit) timeToReach(tokens, want float64) time.Duration {
 	return secondsCeil((want - tokens) / l.RefillPerSecond)
 }
 
-// retryAfter is how long a bucket holding tokens takes to afford cost. A
-// store refills a bucket from its stored level, and for a deep debt that
-// sum rounds by more than the tolerance of the comparison with the cost
-// (about 1e-16 of the debt): the wait then covers the rounding too, so that
-// waiting exactly RetryAfter is always enough.
-func (l Limit) retryAfter(tokens, cost float64) time.Duration {
+// RetryAfter is how long a bucket holding tokens takes to afford cost,
+// rounded up to the nanosecond: zero if it already can. It is what
+// [Decide] reports as a denied bucket's [BucketState.RetryAfter] when cost
+// is at most Capacity (no wait helps a larger cost). A store refills a
+// bucket from its stored level, and for a deep debt that sum rounds by
+// more than the tolerance of the comparison with the cost (about 1e-16 of
+// the debt): the wait then covers the rounding too, so that waiting
+// exactly RetryAfter is always enough.
+func (l Limit) RetryAfter(tokens, cost float64) time.Duration {
 	if tokens >= cost {
 		return 0
 	}
@@ -479,7 +482,7 @@ func Decide(req Request, tokens []float64) Decision {
 			// A cost over capacity gets no RetryAfter, since no wait would
 			// help.
 			if c.Cost <= c.Limit.Capacity {
-				b.RetryAfter = c.Limit.retryAfter(tokens[i], c.Cost)
+				b.RetryAfter = c.Limit.RetryAfter(tokens[i], c.Cost)
 			}
 		}
 	}
@@ -507,7 +510,7 @@ func decideOne(req *Request, tokens float64) Decision {
 	if !ok {
 		remaining = tokens
 		if c.Cost <= c.Limit.Capacity {
-			retryAfter = c.Limit.retryAfter(tokens, c.Cost)
+			retryAfter = c.Limit.RetryAfter(tokens, c.Cost)
 		}
 	}
 	// The state is built whole and stored once: a hot caller's denials

@@ -73,6 +73,33 @@ func TestRefillAndTimeToFull(t *testing.T) {
 	}
 }
 
+func TestRetryAfter(t *testing.T) {
+	t.Parallel()
+	l := bucket.Limit{Capacity: 10, RefillPerSecond: 4}
+	for _, tc := range []struct {
+		tokens, cost float64
+		want         time.Duration
+	}{
+		{10, 3, 0},
+		{3, 3, 0},
+		{2, 3, 250 * time.Millisecond},
+		{-2, 3, 1250 * time.Millisecond},
+		{0, 1e-9, 1},              // rounded up to the nanosecond
+		{-1e30, 1, math.MaxInt64}, // beyond the Duration range: the longest one
+	} {
+		got := l.RetryAfter(tc.tokens, tc.cost)
+		if got != tc.want {
+			t.Errorf("RetryAfter(%v, %v) = %v, want %v", tc.tokens, tc.cost, got, tc.want)
+		}
+		// Waiting that long is enough, and (beyond rounding) no shorter wait is.
+		if tc.want > 0 && tc.want < time.Hour {
+			if lv := l.Refill(tc.tokens, got); lv < tc.cost {
+				t.Errorf("RetryAfter(%v, %v) = %v: refills to only %v", tc.tokens, tc.cost, got, lv)
+			}
+		}
+	}
+}
+
 func TestDecide(t *testing.T) {
 	t.Parallel()
 	lim := bucket.Limit{Capacity: 10, RefillPerSecond: 1}

@@ -372,7 +372,7 @@ func (s *Store) Take(ctx context.Context, req bucket.Request) (bucket.Decision, 
 		remaining, ok := c.Apply(req.Mode, level)
 		if !ok {
 			sh.mu.Unlock()
-			return bucket.Decide(req, []float64{level}), nil
+			return denied(c, level, req.Into), nil
 		}
 		resetAfter := c.Limit.TimeToFull(remaining)
 		s.store(sh, k, h, slot, remaining, c.Limit.Capacity, now, resetAfter)
@@ -428,6 +428,29 @@ func charged(c *bucket.Charge, remaining float64, resetAfter time.Duration) buck
 		Remaining:  remaining,
 		ResetAfter: resetAfter,
 	}
+}
+
+// denied is the decision [bucket.Decide] makes for a request of the one
+// charge c, denied by a bucket holding level tokens, written to into (at
+// least one long). A hot caller is denied through it, so it builds the
+// decision in place rather than pass the request to Decide by value
+// (TestMatchesReference checks that they agree).
+func denied(c *bucket.Charge, level float64, into []bucket.BucketState) bucket.Decision {
+	var retryAfter time.Duration
+	if c.Cost <= c.Limit.Capacity {
+		// No wait helps a cost over capacity.
+		retryAfter = c.Limit.RetryAfter(level, c.Cost)
+	}
+	d := bucket.Decision{RetryAfter: retryAfter, Buckets: into[:1]}
+	d.Buckets[0] = bucket.BucketState{
+		Bucket:     c.Bucket,
+		Limit:      c.Limit,
+		Cost:       c.Cost,
+		Remaining:  level,
+		RetryAfter: retryAfter,
+		ResetAfter: c.Limit.TimeToFull(level),
+	}
+	return d
 }
 
 // decide decides req, valid and with room for its decision in req.Into,
