@@ -172,8 +172,10 @@
 -- its first one), so a batch is never left half-written.
 
 -- Every call of this script runs all of it, definitions included, so it
--- keeps to few tables, closures and commands: operations are parsed into
--- flat arrays, each with one pattern match per bucket, and a group's TTL is
+-- keeps to few tables, closures, strings and commands: operations are
+-- parsed into flat arrays (a request of one bucket with one pattern match,
+-- others with one per bucket), tables are reused from one request to the
+-- next, a reply line is built in one concatenation, and a group's TTL is
 -- raised once per batch, at the end.
 
 local tonumber, match, format, huge = tonumber, string.match, string.format, math.huge
@@ -219,16 +221,30 @@ local olease
 local nkeys, nb = 0, 0
 for i = 1, nops do
   local s = ARGV[i + 1]
-  local kind, p = match(s, '^(%S+)()')
+  -- Most operations are bucket requests of one bucket, which one match
+  -- parses whole (nm1 and crx1 are then its bucket's fields).
+  local kind, w, nm1, crx1 = match(s, '^(%S+) (%S+) (%S+) (%S+ %S+ %S+)$')
+  local p
+  if not kind then
+    kind, p = match(s, '^(%S+)()')
+  end
   okind[i], okey[i] = kind, nkeys + 1
   if kind == 'take' or kind == 'adjust' then
-    local w
-    w, p = match(s, '^ (%S+)()', p)
     local first, len = nb + 1, #s
-    while w and p <= len do
-      local nm, crx, q = match(s, '^ (%S+) (%S+ %S+ %S+)()', p)
-      if not nm then
-        break
+    if nm1 then
+      p = len + 1
+    else
+      w, p = match(s, '^ (%S+)()', p)
+    end
+    while w and (nm1 or p <= len) do
+      local nm, crx, q = nm1, crx1, p
+      if nm then
+        nm1 = nil
+      else
+        nm, crx, q = match(s, '^ (%S+) (%S+ %S+ %S+)()', p)
+        if not nm then
+          break
+        end
       end
       local l = limits[crx]
       if not l then
@@ -322,17 +338,21 @@ local largest = 1.7976931348623157e308
 -- to delete, per bucket it adds to the group.
 local samples = 4
 
--- On the server's clock, expiry[key] is the instant, in integer
--- milliseconds, until which the batch raised the group hash at key to
--- live (what it wrote into the hash's expiry field), keys lists those keys
--- in order, and unknown[key] is true if the batch wrote to the hash when
--- it had no expiry field: a hash the batch created (without a TTL yet) or
--- one this script did not write (by hand, or by an earlier version), whose
--- TTL the batch does not know.
-local expiry, unknown, keys, nexp = {}, {}, {}, 0
+-- On the server's clock, keys lists the group hashes whose expiry field
+-- the batch raised, in order, and raised[key] is key's place n in it.
+-- expiry[n] is the instant, in integer milliseconds, until which the batch
+-- raised hash n to live, and expiry_s[n] the same formatted, as written to
+-- the field. unknown[n] is true if the batch wrote to the hash when it had
+-- no expiry field: a hash the batch created (without a TTL yet) or one
+-- this script did not write (by hand, or by an earlier version), whose TTL
+-- the batch does not know. (Arrays, rather than tables by key, cost a
+-- batch less.)
+local keys, raised, nexp = {}, {}, 0
+local expiry, expiry_s, unknown = {}, {}, {}
 
--- scratch holds the arguments of one HSET or HDEL.
-local scratch = {}
+-- scratch holds the arguments of one HSET or HDEL, and level[j] the
+-- level of bucket j of one request (both reused by every request).
+local scratch, level = {}, {}
 
 local function bucket_request(i)
   local key, first, last = KEYS[okey[i]], ofirst[i], olast[i]
@@ -356,7 +376,6 @@ local function bucket_request(i)
   -- found is true if the hash holds one of the request's buckets, and so
   -- exists.
   local found = false
-  local level = {}
   local allowed = true
   local levels
   for b = first, last do
@@ -391,7 +410,7 @@ local function bucket_request(i)
     if levels then
       levels = levels .. ' ' .. shown
     else
-      levels = now_shown .. ' ' .. shown
+      levels = shown
     end
 
     -- bucket.Decide: a cost over capacity is never affordable; otherwise
@@ -417,13 +436,13 @@ local function bucket_request(i)
         return fail('malformed id marker value at key ' .. marker)
       end
       if now < expires then
-        return '2 ' .. levels
+        return '2 ' .. now_shown .. ' ' .. levels
       end
     end
   end
 
   if not allowed then
-    return '0 ' .. levels
+    return '0 ' .. now_shown .. ' ' .. levels
   end
 
   -- nset counts the values to write (in scratch, field then value),
@@ -532,18 +551,22 @@ local function bucket_request(i)
     if not horizon or at > horizon then
       nset = nset + 2
       scratch[nset - 1] = ''
-      scratch[nset] = format('%d', at)
+      local at_s = format('%d', at)
+      scratch[nset] = at_s
       if server_clock then
-        local had = expiry[key]
-        if not had then
+        local n = raised[key]
+        if not n then
           nexp = nexp + 1
-          keys[nexp] = key
-          expiry[key] = at
-        elseif at > had then
-          expiry[key] = at
-        end
-        if not horizon then
-          unknown[key] = true
+          n = nexp
+          keys[n], raised[key] = key, n
+          expiry[n], expiry_s[n], unknown[n] = at, at_s, not horizon
+        else
+          if at > expiry[n] then
+            expiry[n], expiry_s[n] = at, at_s
+          end
+          if not horizon then
+            unknown[n] = true
+          end
         end
       end
     end
@@ -557,7 +580,7 @@ local function bucket_request(i)
       redis.call('SET', marker, expires)
     end
   end
-  return '1 ' .. levels
+  return '1 ' .. now_shown .. ' ' .. levels
 end
 
 -- lease_set returns an operation's lease set key, or nil and an error reply
@@ -640,9 +663,8 @@ end
 -- gets one.
 local nx = true
 for n = 1, nexp do
-  local key = keys[n]
-  local at = format('%d', expiry[key])
-  if not unknown[key] then
+  local key, at = keys[n], expiry_s[n]
+  if not unknown[n] then
     redis.call('PEXPIREAT', key, at)
   else
     local set = 0
@@ -661,14 +683,14 @@ for n = 1, nexp do
         local pttl = redis.call('PTTL', key)
         local t = redis.call('TIME')
         local ms = math.floor((tonumber(t[1]) * 1000000 + tonumber(t[2])) / 1000)
-        if pttl < 0 or ms + pttl < expiry[key] then
+        if pttl < 0 or ms + pttl < expiry[n] then
           redis.call('PEXPIREAT', key, at)
-          ends = expiry[key]
+          ends = expiry[n]
         else
           ends = ms + pttl
         end
       end
-      if ends > expiry[key] then
+      if ends > expiry[n] then
         redis.call('HSET', key, '', format('%d', ends))
       end
     end
