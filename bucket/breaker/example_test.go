@@ -13,7 +13,7 @@ import (
 type downStore struct{}
 
 func (downStore) Take(context.Context, bucket.Request) (bucket.Decision, error) {
-	return bucket.Decision{}, fmt.Errorf("redis: dial tcp 10.0.0.7:6379: connection refused: %w", bucket.ErrNotApplied)
+	return bucket.Decision{}, fmt.Errorf("redis: dial tcp 10.0.0.7:7001: connection refused: %w", bucket.ErrNotApplied)
 }
 
 func ExampleNew() {
