@@ -91,10 +91,13 @@ func TestRetryAfter(t *testing.T) {
 		if got != tc.want {
 			t.Errorf("RetryAfter(%v, %v) = %v, want %v", tc.tokens, tc.cost, got, tc.want)
 		}
-		// Waiting that long is enough, and (beyond rounding) no shorter wait is.
+		// Waiting that long is enough, and a nanosecond less is not.
 		if tc.want > 0 && tc.want < time.Hour {
 			if lv := l.Refill(tc.tokens, got); lv < tc.cost {
 				t.Errorf("RetryAfter(%v, %v) = %v: refills to only %v", tc.tokens, tc.cost, got, lv)
+			}
+			if lv := l.Refill(tc.tokens, got-1); lv >= tc.cost {
+				t.Errorf("RetryAfter(%v, %v) = %v: a nanosecond less refills to %v already", tc.tokens, tc.cost, got, lv)
 			}
 		}
 	}
