@@ -345,9 +345,10 @@ func (b *bench) throughput(ctx context.Context) ([]row, error) {
 	var order []key
 	for run := range b.o.runs {
 		var measured []row
+		peers := inTurn(b.o.peers, run)
 		for _, workload := range workloads {
 			for _, callers := range b.o.callers {
-				for _, name := range b.o.peers {
+				for _, name := range peers {
 					if b.rs == nil && has(redisPeers, name) {
 						continue
 					}
@@ -378,6 +379,19 @@ func (b *bench) throughput(ctx context.Context) ([]row, error) {
 		rows[i] = medianRow(runs[k])
 	}
 	return rows, nil
+}
+
+// inTurn returns the order in which run number run measures the cells of
+// xs: their own order in even runs, the reverse in odd ones, so that over
+// runs no peer always goes first (right after a different cell, or
+// section) or last.
+func inTurn[T any](xs []T, run int) []T {
+	if run%2 == 0 {
+		return xs
+	}
+	r := slices.Clone(xs)
+	slices.Reverse(r)
+	return r
 }
 
 // compare fills each row's ratios with connectlimit's figures (the Redis
@@ -584,8 +598,8 @@ func (b *bench) e2e(ctx context.Context) ([]row, error) {
 	for _, callers := range b.o.e2eCallers {
 		var with, without []row
 		for run := range b.o.runs {
-			var pair [2]row
-			for i, on := range []bool{true, false} {
+			var pair [2]row // with, without
+			for _, on := range inTurn([]bool{true, false}, run) {
 				res, err := e2eCell(ctx, callers, b.o.duration, b.warmup(), b.o.e2eProtocol, on)
 				if err != nil {
 					return nil, err
@@ -604,7 +618,11 @@ func (b *bench) e2e(ctx context.Context) ([]row, error) {
 				r.deniedShare = float64(res.denied) / float64(res.ops)
 				r.allocs = float64(res.mallocs) / float64(res.ops)
 				r.clientCPU = res.cpu.Seconds() * 1e6 / float64(res.ops)
-				pair[i] = r
+				if on {
+					pair[0] = r
+				} else {
+					pair[1] = r
+				}
 				fmt.Fprintf(b.log, "bench: run %d, %s, %d callers: %.0f calls/s, p99 %s\n", run+1, peer, callers, r.opsPerSec, latency(r.p99))
 			}
 			// The ratio of a run compares two cells measured back to

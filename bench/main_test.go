@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"math"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -101,5 +102,24 @@ func TestHistogram(t *testing.T) {
 		if bucketOf(lo) != i || bucketOf(hi) != i {
 			t.Fatalf("bucket %d: bounds [%d, %d] map to %d and %d", i, lo, hi, bucketOf(lo), bucketOf(hi))
 		}
+	}
+}
+
+func TestInTurn(t *testing.T) {
+	peers := []string{"a", "b", "c"}
+	for _, tc := range []struct {
+		run  int
+		want []string
+	}{
+		{0, []string{"a", "b", "c"}},
+		{1, []string{"c", "b", "a"}},
+		{2, []string{"a", "b", "c"}},
+	} {
+		if got := inTurn(peers, tc.run); !slices.Equal(got, tc.want) {
+			t.Errorf("inTurn(%v, %d) = %v, want %v", peers, tc.run, got, tc.want)
+		}
+	}
+	if !slices.Equal(peers, []string{"a", "b", "c"}) {
+		t.Errorf("inTurn changed its argument: %v", peers)
 	}
 }
