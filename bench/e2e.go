@@ -137,6 +137,7 @@ func (c *e2eClient) search(ctx context.Context, caller int) (bool, error) {
 // with or without the interceptor, at callers concurrent callers, each
 // with its own API key (so its own buckets).
 func e2eCell(ctx context.Context, callers int, d, warm time.Duration, protocol string, withInterceptor bool) (*cellResult, error) {
+	settle()
 	s, err := startE2E(ctx, callers, withInterceptor)
 	if err != nil {
 		return nil, err

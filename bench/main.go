@@ -30,6 +30,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime"
+	"runtime/debug"
 	"slices"
 	"strconv"
 	"strings"
@@ -381,6 +382,15 @@ func (b *bench) throughput(ctx context.Context) ([]row, error) {
 	return rows, nil
 }
 
+// settle collects the garbage of what ran before and returns the memory
+// it freed to the operating system, so that a cell starts with no
+// collection or scavenging left over from the cell or section before it
+// (the memory sections free hundreds of megabytes) running in the
+// background of its measurement.
+func settle() {
+	debug.FreeOSMemory()
+}
+
 // inTurn returns the order in which run number run measures the cells of
 // xs: their own order in even runs, the reverse in odd ones, so that over
 // runs no peer always goes first (right after a different cell, or
@@ -471,6 +481,7 @@ func (b *bench) cell(ctx context.Context, name, workload string, callers int) (r
 	if b.rs != nil {
 		cfg.addr = b.rs.srv.Addr()
 	}
+	settle()
 	p, err := newPeer(name, cfg)
 	if err != nil {
 		return row{}, err
