@@ -610,14 +610,14 @@ func (b *bench) e2e(ctx context.Context) ([]row, error) {
 		var with, without []row
 		for run := range b.o.runs {
 			var pair [2]row // with, without
-			for _, on := range inTurn([]bool{true, false}, run) {
-				res, err := e2eCell(ctx, callers, b.o.duration, b.warmup(), b.o.e2eProtocol, on)
-				if err != nil {
-					return nil, err
-				}
-				peer := "aiservice without interceptor"
-				if on {
-					peer = "aiservice + interceptor (memstore)"
+			on, off, err := e2ePair(ctx, callers, b.o.duration, b.warmup(), b.o.e2eProtocol, run%2)
+			if err != nil {
+				return nil, err
+			}
+			for i, res := range []*cellResult{on, off} {
+				peer := "aiservice + interceptor (memstore)"
+				if i == 1 {
+					peer = "aiservice without interceptor"
 				}
 				r := newRow("end to end", peer, "Search, 1 API key per caller, "+b.o.e2eProtocol, callers)
 				r.opsPerSec = res.rate()
@@ -629,15 +629,12 @@ func (b *bench) e2e(ctx context.Context) ([]row, error) {
 				r.deniedShare = float64(res.denied) / float64(res.ops)
 				r.allocs = float64(res.mallocs) / float64(res.ops)
 				r.clientCPU = res.cpu.Seconds() * 1e6 / float64(res.ops)
-				if on {
-					pair[0] = r
-				} else {
-					pair[1] = r
-				}
+				pair[i] = r
 				fmt.Fprintf(b.log, "bench: run %d, %s, %d callers: %.0f calls/s, p99 %s\n", run+1, peer, callers, r.opsPerSec, latency(r.p99))
 			}
-			// The ratio of a run compares two cells measured back to
-			// back; the table shows the median of the runs' ratios.
+			// The ratio of a run compares two cells measured in turns,
+			// slice by slice; the table shows the median of the runs'
+			// ratios.
 			pair[0].ratioOps, pair[0].ratioP99 = pair[0].opsPerSec/pair[1].opsPerSec, pair[0].p99/pair[1].p99
 			with, without = append(with, pair[0]), append(without, pair[1])
 		}

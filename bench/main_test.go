@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"errors"
 	"math"
 	"slices"
 	"strings"
@@ -121,5 +122,22 @@ func TestInTurn(t *testing.T) {
 	}
 	if !slices.Equal(peers, []string{"a", "b", "c"}) {
 		t.Errorf("inTurn changed its argument: %v", peers)
+	}
+}
+
+func TestCellResultAdd(t *testing.T) {
+	a := &cellResult{ops: 3, allowed: 2, denied: 1, elapsed: time.Second, mallocs: 10, cpu: time.Millisecond}
+	a.hist.record(time.Millisecond)
+	b := &cellResult{ops: 5, allowed: 1, denied: 2, errs: 2, elapsed: 3 * time.Second, mallocs: 6, cpu: 2 * time.Millisecond, firstErr: errors.New("b")}
+	b.hist.record(time.Second)
+	a.add(b)
+	if a.ops != 8 || a.allowed != 3 || a.denied != 3 || a.errs != 2 || a.elapsed != 4*time.Second || a.mallocs != 16 || a.cpu != 3*time.Millisecond || a.hist.n != 2 {
+		t.Errorf("sum: %+v", a)
+	}
+	if a.firstErr == nil || a.firstErr.Error() != "b" {
+		t.Errorf("firstErr = %v, want b's", a.firstErr)
+	}
+	if got := a.rate(); got != 2 {
+		t.Errorf("rate = %v, want 2", got)
 	}
 }

@@ -108,6 +108,22 @@ type cellResult struct {
 	cpu time.Duration
 }
 
+// add adds o's decisions, latencies, time and costs to r, as if r had
+// gone on to measure what o did.
+func (r *cellResult) add(o *cellResult) {
+	r.ops += o.ops
+	r.allowed += o.allowed
+	r.denied += o.denied
+	r.errs += o.errs
+	r.elapsed += o.elapsed
+	r.hist.merge(&o.hist)
+	if r.firstErr == nil {
+		r.firstErr = o.firstErr
+	}
+	r.mallocs += o.mallocs
+	r.cpu += o.cpu
+}
+
 // rate returns decisions per second.
 func (r *cellResult) rate() float64 {
 	if r.elapsed <= 0 {
