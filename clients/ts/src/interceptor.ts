@@ -223,6 +223,15 @@ export function newRateLimitInterceptor(options: RateLimitInterceptorOptions, cl
     };
   }
 
+  /**
+   * sendTime is the sentAt of a call sent now: a millisecond early, so
+   * that an answer to another call observed within the same millisecond
+   * (the clock's resolution) counts as observed after it.
+   */
+  function sendTime(): number {
+    return clock.now() - 1;
+  }
+
   /** sleepOrWake sleeps ms, less if the state changes or a call is answered. */
   async function sleepOrWake(ms: number, signal: AbortSignal): Promise<void> {
     const inner = new AbortController();
@@ -258,8 +267,14 @@ export function newRateLimitInterceptor(options: RateLimitInterceptorOptions, cl
     }
   }
 
-  function observe(headers: Headers): void {
-    state.applyHeaders(headers, clock.now());
+  /**
+   * observe records the fields of headers, which answer a call sent at
+   * sentAt (see QuotaState.applyHeaders), and returns when it observed them.
+   */
+  function observe(headers: Headers, sentAt: number): number {
+    const at = clock.now();
+    state.applyHeaders(headers, at, sentAt);
+    return at;
   }
 
   /**
@@ -268,12 +283,12 @@ export function newRateLimitInterceptor(options: RateLimitInterceptorOptions, cl
    * an error that ends it; with header given, those are taken out again so
    * that the trailers' newer values count.
    */
-  function observeError(e: unknown, header: Headers | undefined): void {
+  function observeError(e: unknown, header: Headers | undefined, sentAt: number): void {
     if (!(e instanceof ConnectError)) {
       return;
     }
     if (header === undefined) {
-      observe(e.metadata);
+      observe(e.metadata, sentAt);
       return;
     }
     const fields = new Headers();
@@ -283,7 +298,7 @@ export function newRateLimitInterceptor(options: RateLimitInterceptorOptions, cl
         fields.set(name, value);
       }
     }
-    observe(fields);
+    observe(fields, sentAt);
   }
 
   function retryAfter(e: unknown, attempt: number, waited: number, procedure: string): number | undefined {
@@ -303,11 +318,12 @@ export function newRateLimitInterceptor(options: RateLimitInterceptorOptions, cl
     let waited = 0;
     for (let attempt = 1; ; attempt++) {
       const release = await hold(procedure, charges, req.signal);
+      const sentAt = sendTime();
       let res: UnaryResponse;
       try {
         res = await next(req);
       } catch (e) {
-        observeError(e, undefined);
+        observeError(e, undefined, sentAt);
         release();
         const wait = retryAfter(e, attempt, waited, procedure);
         if (wait === undefined) {
@@ -317,8 +333,8 @@ export function newRateLimitInterceptor(options: RateLimitInterceptorOptions, cl
         waited += wait;
         continue;
       }
-      observe(res.header);
-      observe(res.trailer);
+      // The trailers come after the headers the call itself recorded.
+      observe(res.trailer, observe(res.header, sentAt));
       release();
       return res;
     }
@@ -343,17 +359,21 @@ export function newRateLimitInterceptor(options: RateLimitInterceptorOptions, cl
     let attempt = 0;
     let waited = 0;
 
+    // sentAt is when the current attempt was sent, and then when its
+    // headers were recorded, which its trailers come after.
+    let sentAt = 0;
     async function start(): Promise<StreamResponse> {
       for (;;) {
         attempt++;
         const release = await hold(procedure, charges, req.signal);
+        sentAt = sendTime();
         try {
           const res = await next(request());
-          observe(res.header); // the reservation, or a denial before any message
+          sentAt = observe(res.header, sentAt); // the reservation, or a denial before any message
           release();
           return res;
         } catch (e) {
-          observeError(e, undefined);
+          observeError(e, undefined, sentAt);
           release();
           const wait = replayable ? retryAfter(e, attempt, waited, procedure) : undefined;
           if (wait === undefined) {
@@ -377,7 +397,7 @@ export function newRateLimitInterceptor(options: RateLimitInterceptorOptions, cl
             yield m;
           }
         } catch (e) {
-          observeError(e, current.header);
+          observeError(e, current.header, sentAt);
           const wait = replayable && !delivered ? retryAfter(e, attempt, waited, procedure) : undefined;
           if (wait === undefined) {
             throw e;
@@ -388,7 +408,7 @@ export function newRateLimitInterceptor(options: RateLimitInterceptorOptions, cl
           replaceAll(header, current.header);
           continue;
         }
-        observe(current.trailer);
+        observe(current.trailer, sentAt);
         replaceAll(trailer, current.trailer);
         return;
       }

@@ -1,5 +1,6 @@
 import type { GetQuotaResponse } from "./gen/connectlimit/v1/quota_pb.js";
 import { parseRateLimitFields } from "./fields.js";
+import { estimateRemaining } from "./pacing.js";
 
 /**
  * BucketState is what a client last learned about one of its buckets. Values
@@ -83,8 +84,16 @@ export interface QuotaState {
    * (milliseconds since the epoch; default now). Malformed fields are
    * ignored. A bucket listed in RateLimit and not in the warning field loses
    * its warning.
+   *
+   * `sentAt`, when given, is when the call that got headers was sent.
+   * Responses to calls in flight at once can arrive in another order than
+   * the server decided them, so a bucket state observed after `sentAt` may
+   * be newer than these headers: such a bucket keeps the lower of the two
+   * estimates (see estimateRemaining), so that a late answer never makes the
+   * state show tokens that later calls already spent. Without `sentAt` the
+   * headers replace what they list.
    */
-  applyHeaders(headers: Headers, at?: number): void;
+  applyHeaders(headers: Headers, at?: number, sentAt?: number): void;
   /**
    * applyQuota records every bucket of a connectlimit.v1.QuotaService/GetQuota
    * answer, as observed at `at` (default now): exact remaining tokens,
@@ -146,7 +155,7 @@ export function createQuotaState(): QuotaState {
         listeners.delete(listener);
       };
     },
-    applyHeaders(headers, at = Date.now()) {
+    applyHeaders(headers, at = Date.now(), sentAt = undefined) {
       const fields = parseRateLimitFields(headers);
       const changed: BucketState[] = [];
       for (const [name, rl] of fields.rateLimit) {
@@ -180,6 +189,16 @@ export function createQuotaState(): QuotaState {
           resetAt: rl.resetSeconds === undefined ? undefined : at + rl.resetSeconds * 1000,
           updatedAt: at,
         };
+        if (
+          sentAt !== undefined &&
+          prev !== undefined &&
+          prev.updatedAt > sentAt &&
+          estimateRemaining(prev, at) < estimateRemaining(next, at)
+        ) {
+          // Observed after this call was sent, and lower: perhaps the
+          // answer of a call the server decided after this one.
+          continue;
+        }
         changed.push(warn === undefined ? next : { ...next, warning: Object.freeze({ remaining: warn.remaining, limit: warn.quota }) });
       }
       // A policy alone (no RateLimit item) only refreshes a known limit.

@@ -268,6 +268,46 @@ describe("pacing", () => {
     assert.deepEqual(clock.sleeps, [1000]);
   });
 
+  test("an answer that arrives after a later one does not free tokens", async () => {
+    const clock = virtualClock();
+    const state = seeded(2, 8);
+    const holds: number[] = [];
+    // The server decides call 0 (r=1 after it), then call 1 (r=0), but
+    // call 1's answer arrives first.
+    const gate = () => {
+      let resolve = () => {};
+      const promise = new Promise<void>((r) => (resolve = r));
+      return { promise, resolve };
+    };
+    const gates = [gate(), gate()];
+    let calls = 0;
+    const transport = createRouterTransport(
+      (router) =>
+        router.service(AIService, {
+          async search(_req, ctx) {
+            const n = calls++;
+            ctx.responseHeader.set("RateLimit", `"search";r=${Math.max(0, 1 - n)};t=${n < 2 ? 9 + n : 10}`);
+            ctx.responseHeader.set("RateLimit-Policy", '"search";q=10;w=10');
+            await gates[n]?.promise;
+            return { results: [] };
+          },
+        }),
+      { transport: { interceptors: [newRateLimitInterceptor({ state, pacing: true, onHold: (e) => holds.push(e.delayMs) }, clock)] } },
+    );
+    const client = createClient(AIService, transport);
+    const first = client.search({ query: "0" });
+    const second = client.search({ query: "1" });
+    await new Promise((r) => setTimeout(r, 10));
+    assert.equal(calls, 2, "two tokens: both calls went");
+    gates[1]!.resolve();
+    await second;
+    gates[0]!.resolve();
+    await first;
+    assert.equal(state.get("search")?.remaining, 0, "the late r=1 does not replace r=0");
+    await client.search({ query: "2" });
+    assert.deepEqual(holds, [1000], "the third call waits for a token");
+  });
+
   test("per-call charges add to the procedure's", async () => {
     const clock = virtualClock();
     const { client } = scripted({ state: seeded(10, 0), pacing: true }, clock, ["ok"]);

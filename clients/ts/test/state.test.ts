@@ -52,6 +52,29 @@ test("a response without a policy keeps the known limit", () => {
   });
 });
 
+test("a late answer does not raise a bucket a call sent after it lowered", () => {
+  const policy = '"search";q=4;w=1';
+  for (const tc of [
+    // Answers of two calls sent at t0, the second decided first: the
+    // first's r=2 arrives after the second's r=1 and is older.
+    { name: "out of order", first: 1, late: 2, sentAt: t0, want: 1 },
+    // The late answer is lower: it is the newer one, and counts.
+    { name: "in order", first: 2, late: 1, sentAt: t0, want: 1 },
+    // The other answer was observed before this call was sent: the
+    // headers are newer whatever they say.
+    { name: "sent after", first: 1, late: 3, sentAt: t0 + 20, want: 3 },
+    // Without sentAt, the headers replace the state.
+    { name: "no sentAt", first: 1, late: 2, sentAt: undefined, want: 2 },
+  ]) {
+    const state = createQuotaState();
+    state.applyHeaders(headers({ RateLimit: `"search";r=${tc.first};t=1`, "RateLimit-Policy": policy }), t0 + 10);
+    state.applyHeaders(headers({ RateLimit: `"search";r=${tc.late};t=1`, "RateLimit-Policy": policy }), t0 + 30, tc.sentAt);
+    const got = state.get("search");
+    assert.equal(got?.remaining, tc.want, tc.name);
+    assert.equal(got?.updatedAt, tc.want === tc.first ? t0 + 10 : t0 + 30, tc.name);
+  }
+});
+
 test("warnings are set by Connectlimit-Warning and cleared by the next RateLimit", () => {
   const state = createQuotaState();
   state.applyHeaders(
