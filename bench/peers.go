@@ -159,13 +159,15 @@ func newPeer(name string, cfg peerConfig) (peer, error) {
 }
 
 // redisStorePeer is connectlimit's Redis store, [redisstore.Store], alone
-// or behind its local denial cache, [denycache.Store].
+// or behind its local denial cache, [denycache.Store]. Like memStorePeer,
+// each decision writes its bucket states into its caller's own buffer.
 type redisStorePeer struct {
 	label   string
 	client  *redis.Client
 	count   *atomic.Uint64
 	store   bucket.Store
 	charges []bucket.Charge
+	into    intoBuffers
 }
 
 // newRedisStorePeer makes a redisstore.Store with its defaults on a new
@@ -177,7 +179,7 @@ func newRedisStorePeer(cfg peerConfig, denyCache bool) (*redisStorePeer, error) 
 		return nil, err
 	}
 	c, n := countingClient(cfg.addr, cfg.pool)
-	p := &redisStorePeer{label: peerRedisStore, client: c, count: n, store: redisstore.New(c), charges: charges}
+	p := &redisStorePeer{label: peerRedisStore, client: c, count: n, store: redisstore.New(c), charges: charges, into: newIntoBuffers(cfg.callers, len(charges))}
 	if denyCache {
 		p.label, p.store = peerDenyCache, denycache.New(p.store)
 	}
@@ -194,8 +196,8 @@ func (p *redisStorePeer) sent() uint64 { return p.count.Load() }
 func (p *redisStorePeer) close() error { return p.client.Close() }
 
 // decide implements peer.
-func (p *redisStorePeer) decide(ctx context.Context, _ int, subject string) (bool, error) {
-	d, err := p.store.Take(ctx, bucket.Request{Subject: subject, Charges: p.charges})
+func (p *redisStorePeer) decide(ctx context.Context, caller int, subject string) (bool, error) {
+	d, err := p.store.Take(ctx, bucket.Request{Subject: subject, Charges: p.charges, Into: p.into.of(caller)})
 	return d.Allowed, err
 }
 
@@ -345,11 +347,29 @@ func (p *textbookPeer) decide(ctx context.Context, _ int, subject string) (bool,
 type memStorePeer struct {
 	store   *memstore.Store
 	charges []bucket.Charge
-	// into[c*stride:][:len(charges)] is caller c's buffer; stride keeps
-	// the buffers of two callers off a common cache line.
-	into   []bucket.BucketState
-	stride int
+	into    intoBuffers
 }
+
+// intoBuffers are the [bucket.Request.Into] buffers of a peer's callers,
+// one per caller, as a caller that reuses one has.
+type intoBuffers struct {
+	// all[c*stride:][:n] is caller c's buffer; stride keeps the buffers
+	// of two callers off a common cache line.
+	all       []bucket.BucketState
+	n, stride int
+}
+
+// newIntoBuffers makes buffers of n states for callers callers (at least
+// one).
+func newIntoBuffers(callers, n int) intoBuffers {
+	// Room for one more state than a decision needs keeps a cache line
+	// (64 bytes, less than a state) between two callers' buffers.
+	stride := n + 1
+	return intoBuffers{all: make([]bucket.BucketState, max(callers, 1)*stride), n: n, stride: stride}
+}
+
+// of returns caller's buffer.
+func (b intoBuffers) of(caller int) []bucket.BucketState { return b.all[caller*b.stride:][:b.n] }
 
 // newMemStorePeer makes a memstore.Store with its defaults (its sweep
 // included), bounded to cfg.maxBuckets buckets when that is > 0.
@@ -362,15 +382,7 @@ func newMemStorePeer(cfg peerConfig) (*memStorePeer, error) {
 	if cfg.maxBuckets > 0 {
 		opts = append(opts, memstore.WithMaxBuckets(cfg.maxBuckets))
 	}
-	// Room for one more state than the charges need keeps a cache line
-	// (64 bytes, less than a state) between two callers' buffers.
-	stride := len(charges) + 1
-	return &memStorePeer{
-		store:   memstore.New(opts...),
-		charges: charges,
-		into:    make([]bucket.BucketState, max(cfg.callers, 1)*stride),
-		stride:  stride,
-	}, nil
+	return &memStorePeer{store: memstore.New(opts...), charges: charges, into: newIntoBuffers(cfg.callers, len(charges))}, nil
 }
 
 // name implements peer.
@@ -381,8 +393,7 @@ func (p *memStorePeer) close() error { return p.store.Close() }
 
 // decide implements peer.
 func (p *memStorePeer) decide(ctx context.Context, caller int, subject string) (bool, error) {
-	into := p.into[caller*p.stride:][:len(p.charges)]
-	d, err := p.store.Take(ctx, bucket.Request{Subject: subject, Charges: p.charges, Into: into})
+	d, err := p.store.Take(ctx, bucket.Request{Subject: subject, Charges: p.charges, Into: p.into.of(caller)})
 	return d.Allowed, err
 }
 

@@ -8,6 +8,8 @@ import (
 	"net"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -18,11 +20,18 @@ import (
 //go:embed batch.lua
 var batchSource string
 
-// batchScript is the one script every Store runs. [redis.Script.Run] tries
-// EVALSHA with its digest and falls back to EVAL (which also caches it) if
-// the server answers NOSCRIPT, e.g. after a restart or SCRIPT FLUSH; in a
-// pipeline the Store does the same itself (see [Store.pipeline]).
+// batchScript is the one script every Store runs: with EVALSHA and its
+// digest, and again with EVAL (which also caches it) if the server answers
+// NOSCRIPT, e.g. after a restart or SCRIPT FLUSH, as [redis.Script.Run]
+// does (see [Store.exchange] and [Store.pipeline]).
 var batchScript = redis.NewScript(batchSource)
+
+// batchDigest and batchText are batchScript's digest and source as
+// command arguments, boxed once rather than once per script call.
+var (
+	batchDigest any = batchScript.Hash()
+	batchText   any = batchSource
+)
 
 // opState is where an operation is in its life. [Store.mu] guards it.
 type opState uint8
@@ -39,11 +48,14 @@ const (
 )
 
 // op is one Take, Acquire or Release: what batch.lua needs to run it, and
-// the channel its caller waits on.
+// the channel its caller waits on. Ops are reused (see newOp and release),
+// so that a decision does not allocate one, nor its channel.
 type op struct {
 	// tag is the hash tag of every key of the operation: its group's
-	// ("g/<n>") for a bucket request, the escaped subject for a lease. keys and arg are its part of batch.lua's KEYS and ARGV.
-	// All three are set before the operation is queued and never change.
+	// ("g/<n>") for a bucket request, the escaped subject for a lease.
+	// keys and arg are its part of batch.lua's KEYS and ARGV. All three
+	// are set before the operation is queued and never change until it is
+	// released.
 	tag  string
 	keys []string
 	arg  string
@@ -53,19 +65,53 @@ type op struct {
 
 	// state is guarded by Store.mu. reply (batch.lua's line for the
 	// operation) and err are written under it, before state becomes done
-	// and done is closed, and read after.
+	// and a value is sent on done, and read after.
 	state opState
 	reply string
 	err   error
-	done  chan struct{}
+	// done gets one value when the operation is answered. It has room for
+	// it, so that answering never blocks, and it is empty again by the
+	// time the op is released (see Store.do).
+	done chan struct{}
+
+	// refs counts the holders that may still read the op: its caller (in
+	// Store.do) and the Store (its queue, then its batch, until every
+	// answer to the batch, the late one included, is given). The last to
+	// let go puts the op back in opPool, so a batch that outlives its
+	// callers' waits never sees its ops reused.
+	refs atomic.Int32
+}
+
+// opPool holds released ops, each with its channel.
+var opPool = sync.Pool{New: func() any { return &op{done: make(chan struct{}, 1)} }}
+
+// newOp returns a blank op from opPool.
+func newOp() *op {
+	o := opPool.Get().(*op)
+	o.keys = o.keyBuf[:0]
+	return o
+}
+
+// release lets go of one holder's reference to o (see op.refs), and
+// returns o to opPool if it was the last. o must not be used after.
+func (o *op) release() {
+	if o.refs.Add(-1) != 0 {
+		return
+	}
+	o.tag, o.keys, o.arg, o.keyBuf = "", nil, "", [4]string{}
+	o.state, o.reply, o.err = queued, "", nil
+	opPool.Put(o)
 }
 
 // do queues o, starts a batch if fewer than maxInFlight are in flight, and
 // waits until o is answered or ctx ends. It returns batch.lua's line for
 // o, or an error that wraps [bucket.ErrNotApplied] or
-// [bucket.ErrOutcomeUnknown].
+// [bucket.ErrOutcomeUnknown]. o must come from newOp; do releases it.
 func (s *Store) do(ctx context.Context, o *op) (string, error) {
-	o.done = make(chan struct{})
+	// The caller's reference and the queue's (see op.refs). The results
+	// are read before the deferred release.
+	o.refs.Store(2)
+	defer o.release()
 	s.mu.Lock()
 	s.queue = append(s.queue, o)
 	var batch []*op
@@ -105,6 +151,11 @@ func (s *Store) do(ctx context.Context, o *op) (string, error) {
 			return "", fmt.Errorf("%w: the context ended while the request waited for its turn: %w", bucket.ErrNotApplied, ctx.Err())
 		case sent:
 			return "", fmt.Errorf("%w: the context ended while the request was in flight: %w", bucket.ErrOutcomeUnknown, ctx.Err())
+		case done:
+			// Answered meanwhile: the value is in done (answer sends it
+			// under s.mu); take it, so that the op's next use starts
+			// with an empty channel.
+			<-o.done
 		}
 	}
 	if o.err != nil {
@@ -138,6 +189,8 @@ func (s *Store) takeLocked() []*op {
 	for ; i < len(s.queue) && len(batch) < s.maxBatch; i++ {
 		o := s.queue[i]
 		if o.state != queued {
+			// Abandoned: its caller is gone, and now the queue too.
+			o.release()
 			continue
 		}
 		o.state = sent
@@ -193,28 +246,48 @@ func (s *Store) run(batch []*op) {
 	}
 }
 
-// send runs one batch, under a deadline of its own, and answers every
-// operation of it.
+// send runs one batch, under a deadline of its own, answers every
+// operation of it, and then releases the Store's reference to them.
 func (s *Store) send(batch []*op) {
 	// The batch's deadline is independent of its callers': each of them
 	// stops waiting when its own context ends (see do), while the batch
 	// goes on for the others.
 	ctx, cancel := context.WithTimeout(context.Background(), s.timeout)
-	defer cancel()
 	// A client that honours the deadline answers by then, with an error
 	// that says what happened (a refused dial is not a lost reply). One
 	// that does not (no ContextTimeoutEnabled) may keep reading until its
 	// ReadTimeout; answer its callers half a timeout after the deadline
 	// anyway: their batch was handed over, so its outcome is unknown.
+	fired := make(chan struct{})
 	late := time.AfterFunc(s.timeout+s.timeout/2, func() {
+		defer close(fired)
 		s.answer(batch, nil, fmt.Errorf("%w: no reply within %v: %w", bucket.ErrOutcomeUnknown, s.timeout, context.DeadlineExceeded))
 	})
-	defer late.Stop()
+	s.exchange(ctx, batch)
+	cancel()
+	if !late.Stop() {
+		// The late answer ran, or is running: the ops are not free until
+		// it is done with them.
+		<-fired
+	}
+	for _, o := range batch {
+		o.release()
+	}
+}
 
+// exchange sends batch to Redis as one script call, or as a pipeline of
+// them (see routing), and answers its operations.
+func (s *Store) exchange(ctx context.Context, batch []*op) {
 	now := s.nowArg()
 	if s.routing == routeOne {
 		g := newGroup(batch, now)
-		g.cmd = batchScript.Run(ctx, s.client, g.keys, g.args...)
+		g.cmd = g.call(ctx)
+		_ = s.client.Process(ctx, g.cmd)
+		if noScript(g.cmd.Err()) {
+			g.useEval()
+			g.cmd = g.call(ctx)
+			_ = s.client.Process(ctx, g.cmd)
+		}
 		replies, err := s.result(g.cmd, len(batch))
 		s.answer(batch, replies, err)
 		return
@@ -242,7 +315,8 @@ func (s *Store) answer(ops []*op, replies []string, err error) {
 			o.reply = replies[i]
 		}
 		o.state = done
-		close(o.done)
+		// Never blocks: done has room for the one answer.
+		o.done <- struct{}{}
 	}
 }
 
@@ -325,11 +399,18 @@ const (
 
 // group is the part of a batch that goes to Redis as one script call.
 type group struct {
-	ops  []*op
-	keys []string
+	ops []*op
+	// args is the call: "evalsha", batch.lua's digest, the number of keys,
+	// the keys, the present (see nowArg) and each operation's argument.
+	// The keys and arguments are pointers to the ops' strings, which
+	// go-redis writes (and routes by) as the strings, and which, unlike
+	// strings, cost no allocation to put in an interface.
 	args []any
 	cmd  *redis.Cmd
 }
+
+// groupHead is how many arguments of a group's call come before its keys.
+const groupHead = 3
 
 // newGroup returns the script call of ops, in order, at the present now
 // (see nowArg).
@@ -338,16 +419,36 @@ func newGroup(ops []*op, now string) *group {
 	for _, o := range ops {
 		n += len(o.keys)
 	}
-	g := &group{ops: ops, keys: make([]string, 0, n), args: make([]any, 0, 1+len(ops))}
+	g := &group{ops: ops, args: make([]any, groupHead, groupHead+n+1+len(ops))}
+	g.args[0], g.args[1], g.args[2] = "evalsha", batchDigest, n
+	for _, o := range ops {
+		for i := range o.keys {
+			g.args = append(g.args, &o.keys[i])
+		}
+	}
 	g.args = append(g.args, now)
 	for _, o := range ops {
-		g.keys = append(g.keys, o.keys...)
-		// A *string, which go-redis writes as the string, costs no
-		// allocation to put in an interface, as a string would. (Keys
-		// stay strings: go-redis reads them to route commands.)
 		g.args = append(g.args, &o.arg)
 	}
 	return g
+}
+
+// call returns a new command of g's call, not yet run.
+func (g *group) call(ctx context.Context) *redis.Cmd {
+	cmd := redis.NewCmd(ctx, g.args...)
+	// Every operation has a key: route by the first.
+	cmd.SetFirstKeyPos(groupHead)
+	return cmd
+}
+
+// useEval turns g's call into an EVAL of batch.lua's source, for a server
+// that answered NOSCRIPT.
+func (g *group) useEval() { g.args[0], g.args[1] = "eval", batchText }
+
+// noScript reports whether err is the server's NOSCRIPT: it lacks batch.lua
+// and ran nothing.
+func noScript(err error) bool {
+	return err != nil && (errors.Is(err, redis.ErrNoScript) || redis.HasErrorPrefix(err, "NOSCRIPT"))
 }
 
 // groups splits batch by hash slot or by hash tag, as s.routing says,
@@ -401,13 +502,14 @@ func (s *Store) pipeline(ctx context.Context, groups []*group) {
 	// its own.
 	_, _ = s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
 		for _, g := range groups {
-			g.cmd = batchScript.EvalSha(ctx, p, g.keys, g.args...)
+			g.cmd = g.call(ctx)
+			_ = p.Process(ctx, g.cmd)
 		}
 		return nil
 	})
 	var missing []*group
 	for _, g := range groups {
-		if err := g.cmd.Err(); err != nil && (errors.Is(err, redis.ErrNoScript) || redis.HasErrorPrefix(err, "NOSCRIPT")) {
+		if noScript(g.cmd.Err()) {
 			missing = append(missing, g)
 		}
 	}
@@ -416,7 +518,9 @@ func (s *Store) pipeline(ctx context.Context, groups []*group) {
 	}
 	_, _ = s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
 		for _, g := range missing {
-			g.cmd = batchScript.Eval(ctx, p, g.keys, g.args...)
+			g.useEval()
+			g.cmd = g.call(ctx)
+			_ = p.Process(ctx, g.cmd)
 		}
 		return nil
 	})

@@ -240,14 +240,16 @@ func TestGroups(t *testing.T) {
 				t.Fatalf("%d groups, want %d", len(groups), len(tc.want))
 			}
 			for i, g := range groups {
-				var wantKeys []string
-				wantArgs := []any{"now"}
+				// The keys and arguments are the ops' own strings.
+				var keys, args []any
 				for _, j := range tc.want[i] {
-					wantKeys = append(wantKeys, ops[j].keys...)
-					wantArgs = append(wantArgs, &ops[j].arg)
+					keys = append(keys, &ops[j].keys[0])
+					args = append(args, &ops[j].arg)
 				}
-				if !slices.Equal(g.keys, wantKeys) || !slices.Equal(g.args, wantArgs) {
-					t.Errorf("group %d: keys %v args %v, want %v and %v", i, g.keys, g.args, wantKeys, wantArgs)
+				want := append([]any{"evalsha", batchScript.Hash(), len(keys)}, keys...)
+				want = append(append(want, "now"), args...)
+				if !slices.Equal(g.args, want) {
+					t.Errorf("group %d: args %v, want %v", i, g.args, want)
 				}
 			}
 		})
@@ -417,5 +419,68 @@ func raiseTTLOncePerBatch(t *testing.T, script *redis.Script, calls map[string]i
 		if err != nil || !slices.Equal(got, want) {
 			t.Errorf("buckets of %s = %q, %v; want %q", key, got, err, want)
 		}
+	}
+}
+
+// TestOpsOutliveTheirCallers checks that a batch keeps its operations until
+// it is done with them, although its callers were answered and left: a
+// client without ContextTimeoutEnabled keeps reading past the batch's
+// deadline (and one with retries would write the operations again), so an
+// operation reused for another request meanwhile would send that request
+// in this batch's name. Not parallel: it looks at an op after its caller
+// released it, which the pool must not hand out meanwhile.
+func TestOpsOutliveTheirCallers(t *testing.T) {
+	srv := redistest.Start(t)
+	client := srv.NewClient(t, func(o *redis.Options) {
+		o.ContextTimeoutEnabled, o.ReadTimeout, o.MaxRetries, o.DialerRetries = false, 10*time.Second, -1, 1
+	})
+	s := New(client, WithTimeout(50*time.Millisecond))
+	lim := bucket.Limit{Capacity: 10, RefillPerSecond: 1}
+	// The pool's connection is made and greeted before the pause: only
+	// the batch's read is left to hang.
+	if _, err := s.Take(t.Context(), bucket.Request{Subject: "warm-up", Charges: []bucket.Charge{{Bucket: "b", Limit: lim, Cost: 1}}}); err != nil {
+		t.Fatal(err)
+	}
+	o := s.takeOp(bucket.Request{Subject: "s", Charges: []bucket.Charge{{Bucket: "b", Limit: lim, Cost: 1}}})
+	arg, key := strings.Clone(o.arg), strings.Clone(o.keys[0])
+	if err := srv.Pause(0); err != nil {
+		t.Fatal(err)
+	}
+	// Answered as unknown half a timeout after the batch's deadline, while
+	// the client still reads.
+	if _, err := s.do(t.Context(), o); !errors.Is(err, bucket.ErrOutcomeUnknown) {
+		t.Fatalf("do on a paused server: %v, want an unknown outcome", err)
+	}
+	// Under s.mu, which the batch takes to answer before it lets go.
+	s.mu.Lock()
+	refs, gotArg, gotKey := o.refs.Load(), o.arg, o.keys[0]
+	s.mu.Unlock()
+	if refs != 1 || gotArg != arg || gotKey != key {
+		t.Errorf("after its caller left, the op has %d references, argument %q and key %q; want 1 (the batch's), %q and %q", refs, gotArg, gotKey, arg, key)
+	}
+	if err := srv.Resume(); err != nil {
+		t.Fatal(err)
+	}
+	// The reply comes; the batch lets the op go before its goroutine
+	// counts it answered (under s.mu).
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		s.mu.Lock()
+		inFlight := s.inFlight
+		s.mu.Unlock()
+		if inFlight == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the batch is still in flight 10 s after the server resumed")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if refs := o.refs.Load(); refs != 0 || o.arg != "" || len(o.keys) != 0 {
+		t.Errorf("once its batch is done, the op has %d references, argument %q and keys %q; want it released and blank", refs, o.arg, o.keys)
+	}
+	// The batch applied the request it was given.
+	if err := client.HGet(t.Context(), key, field("s", "b")).Err(); err != nil {
+		t.Errorf("the batch's write: %v", err)
 	}
 }

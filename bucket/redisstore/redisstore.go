@@ -345,7 +345,7 @@ const takeArgSize = 2*(3*maxVerbatim+32) + 32 + bucket.MaxCharges*(1+maxField+3*
 // <cost>..." (see batch.lua). The keys and the argument share one
 // allocation, and the operation's tag (the group's) is part of it.
 func (s *Store) takeOp(req bucket.Request) *op {
-	o := &op{}
+	o := newOp()
 	subject := escape(req.Subject)
 	g := groupOf(subject, s.groupCount)
 	var buf [takeArgSize]byte
@@ -371,7 +371,7 @@ func (s *Store) takeOp(req bucket.Request) *op {
 	all := string(b)
 	// The tag is what the group key holds between "{" and "}".
 	o.tag = all[len(s.prefix)+len(":{") : groupEnd-len("}")]
-	o.keys = append(o.keyBuf[:0], all[:groupEnd])
+	o.keys = append(o.keys, all[:groupEnd])
 	if req.ID != "" {
 		o.keys = append(o.keys, all[groupEnd:keysEnd])
 	}
@@ -497,8 +497,9 @@ func (s *Store) Acquire(ctx context.Context, req bucket.LeaseRequest) (bucket.Le
 	if err := s.ready(ctx); err != nil {
 		return bucket.LeaseDecision{}, fmt.Errorf("redisstore: acquire: %w", err)
 	}
-	o := &op{tag: escape(req.Subject)}
-	o.keys = append(o.keyBuf[:0], leaseKey(s.prefix, o.tag, escape(req.Name)))
+	o := newOp()
+	o.tag = escape(req.Subject)
+	o.keys = append(o.keys, leaseKey(s.prefix, o.tag, escape(req.Name)))
 	var buf [64 + 2*maxVerbatim]byte
 	b := append(buf[:0], "acquire "...)
 	b = strconv.AppendInt(b, int64(req.Limit), 10)
@@ -548,8 +549,9 @@ func (s *Store) Release(ctx context.Context, subject, name, id string) error {
 	if err := s.ready(ctx); err != nil {
 		return fmt.Errorf("redisstore: release: %w", err)
 	}
-	o := &op{tag: escape(subject)}
-	o.keys = append(o.keyBuf[:0], leaseKey(s.prefix, o.tag, escape(name)))
+	o := newOp()
+	o.tag = escape(subject)
+	o.keys = append(o.keys, leaseKey(s.prefix, o.tag, escape(name)))
 	o.arg = "release " + escape(id)
 	reply, err := s.do(ctx, o)
 	if err != nil {
