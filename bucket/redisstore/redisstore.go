@@ -112,6 +112,16 @@
 // fails a batch at once, as not applied, instead of after the batch's
 // deadline, as unknown. Requests with IDs are never charged twice within
 // their window, resends or not.
+//
+// Subjects that call once and refill soon after (a crowd of anonymous
+// callers, say) make Redis expire group hashes about as fast as the Store
+// creates them. Redis expires keys in cycles paced by its hz setting (10
+// per second by default), and under such churn a cycle can hold its event
+// loop for milliseconds, which every client of that server sees in its
+// tail latency. Measured with 512 concurrent callers over 100,000
+// subjects (bench/README.md): p99 7.8 to 8.8 ms at hz 10, 4.7 to 5.4 ms at
+// hz 100, with the same throughput and median. Raise hz if that tail
+// matters.
 package redisstore
 
 import (
