@@ -11,6 +11,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
 	"github.com/redis/go-redis/v9"
 
@@ -402,9 +403,7 @@ type group struct {
 	ops []*op
 	// args is the call: "evalsha", batch.lua's digest, the number of keys,
 	// the keys, the present (see nowArg) and each operation's argument.
-	// The keys and arguments are pointers to the ops' strings, which
-	// go-redis writes (and routes by) as the strings, and which, unlike
-	// strings, cost no allocation to put in an interface.
+	// The keys and arguments are the ops' strings, as *text.
 	args []any
 	cmd  *redis.Cmd
 }
@@ -423,15 +422,32 @@ func newGroup(ops []*op, now string) *group {
 	g.args[0], g.args[1], g.args[2] = "evalsha", batchDigest, n
 	for _, o := range ops {
 		for i := range o.keys {
-			g.args = append(g.args, &o.keys[i])
+			g.args = append(g.args, (*text)(&o.keys[i]))
 		}
 	}
 	g.args = append(g.args, now)
 	for _, o := range ops {
-		g.args = append(g.args, &o.arg)
+		g.args = append(g.args, (*text)(&o.arg))
 	}
 	return g
 }
+
+// text is a command argument that points to an op's string: go-redis
+// writes it, routes by it and prints it as that string, and a pointer, unlike
+// a string, costs no allocation to put in an interface (a *string would
+// too, but hooks that print commands, such as tracing, would show its
+// address).
+type text string
+
+// MarshalBinary implements [encoding.BinaryMarshaler], which go-redis
+// writes: the bytes are the string's own, which go-redis only reads.
+func (t *text) MarshalBinary() ([]byte, error) {
+	return unsafe.Slice(unsafe.StringData(string(*t)), len(*t)), nil
+}
+
+// String implements [fmt.Stringer], which go-redis uses to route a command
+// by its first key and to print it.
+func (t *text) String() string { return string(*t) }
 
 // call returns a new command of g's call, not yet run.
 func (g *group) call(ctx context.Context) *redis.Cmd {

@@ -240,16 +240,26 @@ func TestGroups(t *testing.T) {
 				t.Fatalf("%d groups, want %d", len(groups), len(tc.want))
 			}
 			for i, g := range groups {
-				// The keys and arguments are the ops' own strings.
+				// The keys and arguments are the ops' own strings, and a
+				// command prints as its text (hooks print commands).
 				var keys, args []any
+				var printed []string
 				for _, j := range tc.want[i] {
-					keys = append(keys, &ops[j].keys[0])
-					args = append(args, &ops[j].arg)
+					keys = append(keys, (*text)(&ops[j].keys[0]))
+					args = append(args, (*text)(&ops[j].arg))
+					printed = append(printed, ops[j].keys[0])
 				}
 				want := append([]any{"evalsha", batchScript.Hash(), len(keys)}, keys...)
 				want = append(append(want, "now"), args...)
 				if !slices.Equal(g.args, want) {
 					t.Errorf("group %d: args %v, want %v", i, g.args, want)
+				}
+				for _, j := range tc.want[i] {
+					printed = append(printed, ops[j].arg)
+				}
+				wantCmd := fmt.Sprintf("evalsha %s %d %s now %s", batchScript.Hash(), len(keys), strings.Join(printed[:len(keys)], " "), strings.Join(printed[len(keys):], " "))
+				if got := g.call(t.Context()).String(); got != wantCmd {
+					t.Errorf("group %d prints as %q, want %q", i, got, wantCmd)
 				}
 			}
 		})
