@@ -432,11 +432,11 @@ func newGroup(ops []*op, now string) *group {
 	return g
 }
 
-// text is a command argument that points to an op's string: go-redis
-// writes it, routes by it and prints it as that string, and a pointer, unlike
-// a string, costs no allocation to put in an interface (a *string would
-// too, but hooks that print commands, such as tracing, would show its
-// address).
+// text is a command argument that points to an op's string. go-redis
+// writes it, routes by it and prints it as that string. Being a pointer,
+// it costs no allocation to put in an interface, as a string would; a
+// *string would not either, but hooks that print commands (tracing,
+// logging) would show its address.
 type text string
 
 // MarshalBinary implements [encoding.BinaryMarshaler], which go-redis
