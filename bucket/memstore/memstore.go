@@ -19,6 +19,22 @@
 // passes [bucket.Request.Into]; without it, it allocates the decision's
 // buckets, once, before taking the lock.
 //
+// A caller that keeps asking a bucket for what it cannot pay (an abusive
+// client, a retry loop) is denied without the lock: once a shard has
+// denied a call of one charge twice in a row on the same bucket, it keeps a
+// snapshot of that bucket, which calls read with a sequence lock, and a
+// call that the snapshot's level (refilled to the present, under the
+// call's own limit) cannot pay is denied from it, with the decision the
+// locked path would make. A call it can pay, and any other, takes the
+// lock; every write to the bucket, and its eviction or deletion, drops the
+// snapshot first. So a flood of denied calls on one hot key scales with
+// the cores instead of queueing on its shard's lock, and leaves that lock
+// to the shard's other subjects. A call decided from the snapshot is
+// decided at the later of its clock reading and the snapshot's, so it may
+// be decided at an instant earlier than a call that read the clock after
+// it and holds the lock meanwhile: both are concurrent, and the denial
+// writes nothing.
+//
 // # Bounded memory
 //
 // A Store holds at most [WithMaxBuckets] buckets ([DefaultMaxBuckets]
@@ -54,6 +70,7 @@ import (
 	"math"
 	"math/bits"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unsafe"
 
@@ -182,6 +199,11 @@ type shardState struct {
 	// it.
 	peak      int
 	evictions uint64
+	// denied is the hash of the bucket the shard last denied a call of
+	// one charge. A bucket denied twice in a row gets the snapshot (see
+	// [shard.snap]): taking one costs a dozen atomic writes, which a
+	// bucket denied once, among many, would not repay.
+	denied uint32
 	// leases maps (subject, lease name) to the live leases' IDs and expiry
 	// instants. An empty set is deleted.
 	leases map[key]map[string]int64
@@ -189,9 +211,101 @@ type shardState struct {
 
 type shard struct {
 	shardState
-	// The padding keeps neighbouring shards' locks on different cache
-	// lines.
+	// The padding keeps the snapshot, which denied calls read without the
+	// lock, off the cache lines that every locked call writes.
 	_ [(cacheLine - unsafe.Sizeof(shardState{})%cacheLine) % cacheLine]byte
+	// snap is the bucket the shard last denied a call of one charge, for
+	// the calls after it (see [snapshot]). It fills a cache line of its
+	// own (TestShardSize checks that a shard is whole cache lines), so
+	// neighbouring shards stay apart.
+	snap snapshot
+}
+
+// snapshot is a copy of one bucket of a shard, its key and state, that
+// calls read without the shard's lock: the bucket the shard last denied a
+// call of one charge (see [Store.Take]). A caller hammering a bucket it
+// cannot pay is then denied from the snapshot, as the locked path would
+// deny it, without taking the lock that every other subject of the shard
+// needs; the first allowed call (a refill, a refund) goes through the
+// lock, and every write to the bucket, or its removal, invalidates the
+// snapshot first.
+//
+// It is a sequence lock: a writer, who holds the shard's lock, makes seq
+// odd, writes the fields and makes seq even again; a reader reads seq, the
+// fields and seq again, and uses what it read only if seq was the same
+// even number both times and the snapshot was valid. Every field is
+// atomic, so that readers never race with the writer.
+type snapshot struct {
+	seq   atomic.Uint64
+	valid atomic.Bool
+	hash  atomic.Uint32
+	// The bucket's subject and name: the bytes and length of the strings
+	// its entry holds, which the pointers keep alive.
+	subject, name       atomic.Pointer[byte]
+	subjectLen, nameLen atomic.Int64
+	// tokens (a float64's bits) and at are the entry's.
+	tokens atomic.Uint64
+	at     atomic.Int64
+}
+
+// set makes the snapshot a copy of e. The caller holds the shard's lock.
+func (sn *snapshot) set(e *entry) {
+	sn.seq.Add(1)
+	sn.valid.Store(true)
+	sn.hash.Store(e.hash)
+	sn.subject.Store(unsafe.StringData(e.key.subject))
+	sn.subjectLen.Store(int64(len(e.key.subject)))
+	sn.name.Store(unsafe.StringData(e.key.name))
+	sn.nameLen.Store(int64(len(e.key.name)))
+	sn.tokens.Store(math.Float64bits(e.tokens))
+	sn.at.Store(e.at)
+	sn.seq.Add(1)
+}
+
+// forget invalidates the snapshot if it is of the bucket k, whose hash is
+// h, before that bucket is written or removed. The caller holds the shard's
+// lock, so no other writer changes the fields meanwhile.
+func (sn *snapshot) forget(h uint32, k key) {
+	if !sn.valid.Load() || sn.hash.Load() != h ||
+		!sameBytes(sn.subject.Load(), sn.subjectLen.Load(), k.subject) || !sameBytes(sn.name.Load(), sn.nameLen.Load(), k.name) {
+		return
+	}
+	sn.seq.Add(1)
+	sn.valid.Store(false)
+	// Let go of the bucket's strings, which its entry no longer holds.
+	sn.subject.Store(nil)
+	sn.name.Store(nil)
+	sn.seq.Add(1)
+}
+
+// read returns the tokens and instant of the bucket k, whose hash is h, if
+// the snapshot is a valid, consistent copy of it. It takes no lock. It
+// compares the key only once it knows that the pointers and lengths it
+// read belong together (seq did not move), so that it never reads beyond
+// a string.
+func (sn *snapshot) read(h uint32, k key) (tokens float64, at int64, ok bool) {
+	seq := sn.seq.Load()
+	// The snapshot of another bucket, the common case, is told by the
+	// first fields alone (a torn read of them only misses the snapshot;
+	// one that matches is checked against seq below).
+	if seq&1 != 0 || !sn.valid.Load() || sn.hash.Load() != h {
+		return 0, 0, false
+	}
+	subject, subjectLen := sn.subject.Load(), sn.subjectLen.Load()
+	name, nameLen := sn.name.Load(), sn.nameLen.Load()
+	tokens, at = math.Float64frombits(sn.tokens.Load()), sn.at.Load()
+	if sn.seq.Load() != seq {
+		return 0, 0, false
+	}
+	if !sameBytes(subject, subjectLen, k.subject) || !sameBytes(name, nameLen, k.name) {
+		return 0, 0, false
+	}
+	return tokens, at, true
+}
+
+// sameBytes reports whether the n bytes at p are s.
+func sameBytes(p *byte, n int64, s string) bool {
+	return n == int64(len(s)) && (p == unsafe.StringData(s) || unsafe.String(p, n) == s)
 }
 
 // cacheLine is the cache line size of the processors we run on, in bytes.
@@ -362,6 +476,20 @@ func (s *Store) Take(ctx context.Context, req bucket.Request) (bucket.Decision, 
 		h, k := s.bucketHash(subjectHash, c.Bucket), key{req.Subject, c.Bucket}
 		sh := s.shard(subjectHash)
 		now := s.instant()
+		if req.Mode == bucket.ModeTake && sh.snap.valid.Load() {
+			if tokens, at, ok := sh.snap.read(h, k); ok {
+				// The bucket the shard last denied, unchanged since: decide
+				// from its snapshot, without the lock, at the later of now and
+				// the snapshot's instant (a call that read the clock after
+				// this one may hold the lock meanwhile; this one is then
+				// decided before it). Only a denial is final here: a call
+				// that can pay takes the lock to write.
+				level := c.Limit.Refill(tokens, time.Duration(max(now, at)-at))
+				if _, ok := c.Apply(req.Mode, level); !ok {
+					return denied(c, level, req.Into), nil
+				}
+			}
+		}
 		sh.mu.Lock()
 		now = sh.advance(now)
 		slot, level := sh.find(h, k), c.Limit.Capacity
@@ -371,6 +499,14 @@ func (s *Store) Take(ctx context.Context, req bucket.Request) (bucket.Decision, 
 		}
 		remaining, ok := c.Apply(req.Mode, level)
 		if !ok {
+			if slot >= 0 {
+				if sh.denied == h {
+					// Calls that keep asking for what it cannot pay are
+					// denied from the snapshot until it changes.
+					sh.snap.set(&sh.entries[slot])
+				}
+				sh.denied = h
+			}
 			sh.mu.Unlock()
 			return denied(c, level, req.Into), nil
 		}
@@ -530,6 +666,11 @@ func (s *Store) take(sh *shard, req *bucket.Request, now int64, w []chargeWork) 
 func (s *Store) store(sh *shard, k key, h uint32, slot int32, tokens, capacity float64, now int64, resetAfter time.Duration) (removed bool) {
 	full := tokens >= capacity
 	fullAt := addSaturating(now, resetAfter)
+	if slot >= 0 && sh.snap.valid.Load() {
+		// (Checked here, inline, so that a shard without a snapshot, the
+		// common case, pays one load, not a call.)
+		sh.snap.forget(h, k)
+	}
 	switch {
 	case slot >= 0 && full:
 		sh.remove(slot)
@@ -611,6 +752,9 @@ func (sh *shard) evict(slot int32, now int64) {
 // The caller holds sh.mu.
 func (sh *shard) remove(slot int32) {
 	e := &sh.entries[slot]
+	if sh.snap.valid.Load() {
+		sh.snap.forget(e.hash, e.key)
+	}
 	pos, last := int(e.pos), len(sh.heap)-1
 	if pos != last {
 		sh.swap(pos, last)
