@@ -75,9 +75,13 @@ func connectError(err error) error {
 	return err
 }
 
-// setFields writes limiter header fields into h.
+// setFields writes limiter header fields into h. The values share one
+// array, each slice capped at its one value, so that a later append to a
+// field copies it rather than overwrite the next: one allocation for all
+// of a call's fields.
 func setFields(h http.Header, fields []limiter.Field) {
-	for _, f := range fields {
+	values := make([]string, len(fields))
+	for i, f := range fields {
 		// As h.Set and h.Del do, but with the canonical name computed
 		// once: "RateLimit-Policy" is not canonical, and canonicalising it
 		// makes a new string on every call.
@@ -88,7 +92,8 @@ func setFields(h http.Header, fields []limiter.Field) {
 		if f.Value == "" {
 			delete(h, name)
 		} else {
-			h[name] = []string{f.Value}
+			values[i] = f.Value
+			h[name] = values[i : i+1 : i+1]
 		}
 	}
 }

@@ -399,6 +399,12 @@ func (a *Call) settle(ctx context.Context, end ending) *bucket.Decision {
 		}
 	}
 	base, baseIsLocal := a.decision, a.decisionIsLocal
+	if len(remote) == 0 && len(local) == 0 {
+		// The call cost what it reserved, the common case: nothing to
+		// send, and nothing (not even the settlement's ID) to build.
+		a.mu.Unlock()
+		return base
+	}
 	req := bucket.Request{Subject: a.subject, Charges: remote, Mode: bucket.ModeAdjust, ID: a.id + ".s", IDWindow: a.ic.idWindow}
 	queued := len(remote) > 0 && a.job != nil
 	if queued {

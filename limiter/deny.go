@@ -174,17 +174,21 @@ func (l *Limiter) setHeaders(h headerSetter, d *bucket.Decision) {
 	if l.cfg.warnBelow <= 0 {
 		return
 	}
-	var warn strings.Builder
+	// Made for the first low bucket: most calls have none, and fmt would
+	// move a builder declared here to the heap on every call.
+	var warn *strings.Builder
 	for _, b := range d.Buckets {
 		if b.Remaining >= l.cfg.warnBelow*b.Limit.Capacity {
 			continue
 		}
-		if warn.Len() > 0 {
+		if warn == nil {
+			warn = new(strings.Builder)
+		} else {
 			warn.WriteString(", ")
 		}
-		fmt.Fprintf(&warn, "%q;r=%d;q=%d", b.Bucket, int64(math.Max(0, b.Remaining)), int64(b.Limit.Capacity))
+		fmt.Fprintf(warn, "%q;r=%d;q=%d", b.Bucket, int64(math.Max(0, b.Remaining)), int64(b.Limit.Capacity))
 	}
-	if warn.Len() > 0 {
+	if warn != nil {
 		h.Set(HeaderWarning, warn.String())
 	} else {
 		h.Del(HeaderWarning)

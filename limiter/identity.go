@@ -45,9 +45,11 @@ func (id Identity) Subject() string {
 		return "user:" + bounded(id.User)
 	case id.IP.Is6() && !id.IP.Is4In6():
 		p, _ := id.IP.Prefix(64) // Prefix fails only for an invalid address.
-		return "ip:" + p.String()
+		var buf [64]byte         // "ip:" and the longest prefix, without allocating
+		return string(p.AppendTo(append(buf[:0], "ip:"...)))
 	case id.IP.IsValid():
-		return "ip:" + id.IP.Unmap().String()
+		var buf [64]byte
+		return string(id.IP.Unmap().AppendTo(append(buf[:0], "ip:"...)))
 	default:
 		return "ip:unknown"
 	}
