@@ -19,17 +19,18 @@
 // passes [bucket.Request.Into]; without it, it allocates the decision's
 // buckets, once, before taking the lock.
 //
-// A caller that keeps asking a bucket for what it cannot pay (an abusive
-// client, a retry loop) is denied without the lock: once a shard has
-// denied a call of one charge twice in a row on the same bucket, it keeps a
-// snapshot of that bucket, which calls read with a sequence lock, and a
-// call that the snapshot's level (refilled to the present, under the
-// call's own limit) cannot pay is denied from it, with the decision the
-// locked path would make. A call it can pay, and any other, takes the
-// lock; every write to the bucket, and its eviction or deletion, drops the
-// snapshot first. So a flood of denied calls on one hot key scales with
-// the cores instead of queueing on its shard's lock, and leaves that lock
-// to the shard's other subjects. A call decided from the snapshot is
+// A caller that keeps asking its buckets for what they cannot pay (an
+// abusive client, a retry loop) is denied without the lock: once a shard
+// has denied the same take twice in a row (the same buckets, at most
+// four), it keeps a snapshot of those buckets, which calls read with a
+// sequence lock, and a take of exactly those buckets that their levels in
+// the snapshot (refilled to the present, under the call's own limits)
+// cannot pay is denied from it, with the decision the locked path would
+// make. A call they can pay, and any other, takes the lock; every write to
+// one of the buckets, and its eviction or deletion, drops the snapshot
+// first. So a flood of denied calls on one hot key scales with the cores
+// instead of queueing on its shard's lock, and leaves that lock to the
+// shard's other subjects. A call decided from the snapshot is
 // decided at the later of its clock reading and the snapshot's, so it may
 // be decided at an instant earlier than a call that read the clock after
 // it and holds the lock meanwhile: both are concurrent, and the denial
@@ -199,10 +200,10 @@ type shardState struct {
 	// it.
 	peak      int
 	evictions uint64
-	// denied is the hash of the bucket the shard last denied a call of
-	// one charge. A bucket denied twice in a row gets the snapshot (see
-	// [shard.snap]): taking one costs a dozen atomic writes, which a
-	// bucket denied once, among many, would not repay.
+	// denied tells the request the shard last denied (see
+	// [shard.noteDenial]). A request denied twice in a row gets the
+	// snapshot (see [shard.snap]): taking one costs a dozen atomic writes
+	// or more, which a request denied once, among many, would not repay.
 	denied uint32
 	// leases maps (subject, lease name) to the live leases' IDs and expiry
 	// instants. An empty set is deleted.
@@ -214,21 +215,21 @@ type shard struct {
 	// The padding keeps the snapshot, which denied calls read without the
 	// lock, off the cache lines that every locked call writes.
 	_ [(cacheLine - unsafe.Sizeof(shardState{})%cacheLine) % cacheLine]byte
-	// snap is the bucket the shard last denied a call of one charge, for
-	// the calls after it (see [snapshot]). It fills a cache line of its
-	// own (TestShardSize checks that a shard is whole cache lines), so
-	// neighbouring shards stay apart.
+	// snap holds the buckets of the request the shard last denied, for
+	// the calls after it (see [snapshot]). It fills whole cache lines
+	// (TestShardSize checks that a shard does), so neighbouring shards
+	// stay apart.
 	snap snapshot
 }
 
-// snapshot is a copy of one bucket of a shard, its key and state, that
-// calls read without the shard's lock: the bucket the shard last denied a
-// call of one charge (see [Store.Take]). A caller hammering a bucket it
-// cannot pay is then denied from the snapshot, as the locked path would
-// deny it, without taking the lock that every other subject of the shard
-// needs; the first allowed call (a refill, a refund) goes through the
-// lock, and every write to the bucket, or its removal, invalidates the
-// snapshot first.
+// snapshot is a copy of the buckets of one request of a shard, their keys
+// and state, that calls read without the shard's lock: the buckets of the
+// request the shard last denied (see [Store.Take]). A caller hammering
+// buckets it cannot pay is then denied from the snapshot, as the locked
+// path would deny it, without taking the lock that every other subject of
+// the shard needs; the first call that can pay (after a refill, a refund)
+// goes through the lock, and every write to one of the buckets, or its
+// removal, invalidates the snapshot first.
 //
 // It is a sequence lock: a writer, who holds the shard's lock, makes seq
 // odd, writes the fields and makes seq even again; a reader reads seq, the
@@ -238,66 +239,120 @@ type shard struct {
 type snapshot struct {
 	seq   atomic.Uint64
 	valid atomic.Bool
-	hash  atomic.Uint32
-	// The bucket's subject and name: the bytes and length of the strings
-	// its entry holds, which the pointers keep alive.
-	subject, name       atomic.Pointer[byte]
-	subjectLen, nameLen atomic.Int64
-	// tokens (a float64's bits) and at are the entry's.
-	tokens atomic.Uint64
-	at     atomic.Int64
+	// n is how many buckets it holds, the first n of buckets, in the
+	// order of the request's charges.
+	n atomic.Int32
+	// The buckets' subject: the bytes and length of the string their
+	// entries hold, which the pointer keeps alive.
+	subject    atomic.Pointer[byte]
+	subjectLen atomic.Int64
+	buckets    [snapMax]snapBucket
 }
 
-// set makes the snapshot a copy of e. The caller holds the shard's lock.
-func (sn *snapshot) set(e *entry) {
+// snapMax is how many buckets a snapshot holds at most: a request of more
+// charges is always decided under the lock.
+const snapMax = fewCharges
+
+// snapBucket is one bucket of a snapshot: its entry's hash, name, tokens
+// and at.
+type snapBucket struct {
+	hash    atomic.Uint32
+	name    atomic.Pointer[byte]
+	nameLen atomic.Int64
+	tokens  atomic.Uint64 // a float64's bits
+	at      atomic.Int64
+}
+
+// set makes the snapshot a copy of the entries in slots, at most snapMax,
+// which are one subject's. The caller holds the shard's lock.
+func (sn *snapshot) set(entries []entry, slots []int32) {
 	sn.seq.Add(1)
 	sn.valid.Store(true)
-	sn.hash.Store(e.hash)
-	sn.subject.Store(unsafe.StringData(e.key.subject))
-	sn.subjectLen.Store(int64(len(e.key.subject)))
-	sn.name.Store(unsafe.StringData(e.key.name))
-	sn.nameLen.Store(int64(len(e.key.name)))
-	sn.tokens.Store(math.Float64bits(e.tokens))
-	sn.at.Store(e.at)
+	sn.n.Store(int32(len(slots)))
+	subject := entries[slots[0]].key.subject
+	sn.subject.Store(unsafe.StringData(subject))
+	sn.subjectLen.Store(int64(len(subject)))
+	for i, slot := range slots {
+		e, b := &entries[slot], &sn.buckets[i]
+		b.hash.Store(e.hash)
+		b.name.Store(unsafe.StringData(e.key.name))
+		b.nameLen.Store(int64(len(e.key.name)))
+		b.tokens.Store(math.Float64bits(e.tokens))
+		b.at.Store(e.at)
+	}
 	sn.seq.Add(1)
 }
 
-// forget invalidates the snapshot if it is of the bucket k, whose hash is
+// forget invalidates the snapshot if it holds the bucket k, whose hash is
 // h, before that bucket is written or removed. The caller holds the shard's
 // lock, so no other writer changes the fields meanwhile.
 func (sn *snapshot) forget(h uint32, k key) {
-	if !sn.valid.Load() || sn.hash.Load() != h ||
-		!sameBytes(sn.subject.Load(), sn.subjectLen.Load(), k.subject) || !sameBytes(sn.name.Load(), sn.nameLen.Load(), k.name) {
+	if !sn.valid.Load() || !sameBytes(sn.subject.Load(), sn.subjectLen.Load(), k.subject) {
 		return
 	}
-	sn.seq.Add(1)
-	sn.valid.Store(false)
-	// Let go of the bucket's strings, which its entry no longer holds.
-	sn.subject.Store(nil)
-	sn.name.Store(nil)
-	sn.seq.Add(1)
+	for i := range int(sn.n.Load()) {
+		b := &sn.buckets[i]
+		if b.hash.Load() == h && sameBytes(b.name.Load(), b.nameLen.Load(), k.name) {
+			sn.seq.Add(1)
+			sn.valid.Store(false)
+			// Let go of the buckets' strings, which their entries may no
+			// longer hold.
+			sn.subject.Store(nil)
+			for j := range sn.buckets {
+				sn.buckets[j].name.Store(nil)
+			}
+			sn.seq.Add(1)
+			return
+		}
+	}
 }
 
-// read returns the tokens and instant of the bucket k, whose hash is h, if
-// the snapshot is a valid, consistent copy of it. It takes no lock. It
-// compares the key only once it knows that the pointers and lengths it
-// read belong together (seq did not move), so that it never reads beyond
-// a string.
-func (sn *snapshot) read(h uint32, k key) (tokens float64, at int64, ok bool) {
+// read copies into tokens and at the state of the buckets of subject's
+// charges, whose hashes are hashes, if the snapshot is a valid, consistent
+// copy of exactly those, in that order. It takes no lock. It compares the
+// keys only once it knows that the pointers and lengths it read belong
+// together (seq did not move), so that it never reads beyond a string.
+func (sn *snapshot) read(subject string, charges []bucket.Charge, hashes *[snapMax]uint32, tokens *[snapMax]float64, at *[snapMax]int64) bool {
+	n := len(charges)
 	seq := sn.seq.Load()
-	// The snapshot of another bucket, the common case, is told by the
-	// first fields alone (a torn read of them only misses the snapshot;
-	// one that matches is checked against seq below).
-	if seq&1 != 0 || !sn.valid.Load() || sn.hash.Load() != h {
+	// A snapshot of other buckets, the common case, is told by the first
+	// fields alone (a torn read of them only misses the snapshot; one
+	// that matches is checked against seq below).
+	if seq&1 != 0 || !sn.valid.Load() || int(sn.n.Load()) != n || sn.buckets[0].hash.Load() != hashes[0] {
+		return false
+	}
+	subj, subjLen := sn.subject.Load(), sn.subjectLen.Load()
+	var names [snapMax]*byte
+	var nameLens [snapMax]int64
+	var hs [snapMax]uint32
+	for i := range n {
+		b := &sn.buckets[i]
+		hs[i], names[i], nameLens[i] = b.hash.Load(), b.name.Load(), b.nameLen.Load()
+		tokens[i], at[i] = math.Float64frombits(b.tokens.Load()), b.at.Load()
+	}
+	if sn.seq.Load() != seq || !sameBytes(subj, subjLen, subject) {
+		return false
+	}
+	for i := range n {
+		if hs[i] != hashes[i] || !sameBytes(names[i], nameLens[i], charges[i].Bucket) {
+			return false
+		}
+	}
+	return true
+}
+
+// readOne is read for a request of the one bucket k, whose hash is h (the
+// common case, spared read's arrays): it returns the bucket's tokens and
+// instant.
+func (sn *snapshot) readOne(h uint32, k key) (tokens float64, at int64, ok bool) {
+	seq, b := sn.seq.Load(), &sn.buckets[0]
+	if seq&1 != 0 || !sn.valid.Load() || sn.n.Load() != 1 || b.hash.Load() != h {
 		return 0, 0, false
 	}
 	subject, subjectLen := sn.subject.Load(), sn.subjectLen.Load()
-	name, nameLen := sn.name.Load(), sn.nameLen.Load()
-	tokens, at = math.Float64frombits(sn.tokens.Load()), sn.at.Load()
-	if sn.seq.Load() != seq {
-		return 0, 0, false
-	}
-	if !sameBytes(subject, subjectLen, k.subject) || !sameBytes(name, nameLen, k.name) {
+	name, nameLen := b.name.Load(), b.nameLen.Load()
+	tokens, at = math.Float64frombits(b.tokens.Load()), b.at.Load()
+	if sn.seq.Load() != seq || !sameBytes(subject, subjectLen, k.subject) || !sameBytes(name, nameLen, k.name) {
 		return 0, 0, false
 	}
 	return tokens, at, true
@@ -477,13 +532,8 @@ func (s *Store) Take(ctx context.Context, req bucket.Request) (bucket.Decision, 
 		sh := s.shard(subjectHash)
 		now := s.instant()
 		if req.Mode == bucket.ModeTake && sh.snap.valid.Load() {
-			if tokens, at, ok := sh.snap.read(h, k); ok {
-				// The bucket the shard last denied, unchanged since: decide
-				// from its snapshot, without the lock, at the later of now and
-				// the snapshot's instant (a call that read the clock after
-				// this one may hold the lock meanwhile; this one is then
-				// decided before it). Only a denial is final here: a call
-				// that can pay takes the lock to write.
+			// deniedFromSnapshot's steps for one bucket, without its arrays.
+			if tokens, at, ok := sh.snap.readOne(h, k); ok {
 				level := c.Limit.Refill(tokens, time.Duration(max(now, at)-at))
 				if _, ok := c.Apply(req.Mode, level); !ok {
 					return denied(c, level, req.Into), nil
@@ -500,12 +550,8 @@ func (s *Store) Take(ctx context.Context, req bucket.Request) (bucket.Decision, 
 		remaining, ok := c.Apply(req.Mode, level)
 		if !ok {
 			if slot >= 0 {
-				if sh.denied == h {
-					// Calls that keep asking for what it cannot pay are
-					// denied from the snapshot until it changes.
-					sh.snap.set(&sh.entries[slot])
-				}
-				sh.denied = h
+				slots := [1]int32{slot}
+				sh.noteDenial(h, slots[:])
 			}
 			sh.mu.Unlock()
 			return denied(c, level, req.Into), nil
@@ -589,6 +635,54 @@ func denied(c *bucket.Charge, level float64, into []bucket.BucketState) bucket.D
 	return d
 }
 
+// deniedFromSnapshot decides req, a take of 2 to snapMax charges whose
+// buckets' hashes are hashes, from sh's snapshot, without the lock, if the
+// snapshot holds exactly req's buckets (unchanged since the shard denied
+// them) and they still cannot pay: then it returns the decision the
+// locked path would make, and true. It decides at the later of now and
+// the snapshot's instants: a call that read the clock after this one may
+// hold the lock meanwhile, and this one is then decided before it. Only a
+// denial is final here; a request that can pay returns false, and takes
+// the lock to write.
+func deniedFromSnapshot(sh *shard, req *bucket.Request, hashes *[snapMax]uint32, now int64) (bucket.Decision, bool) {
+	var tokens [snapMax]float64
+	var at [snapMax]int64
+	if !sh.snap.read(req.Subject, req.Charges, hashes, &tokens, &at) {
+		return bucket.Decision{}, false
+	}
+	n := len(req.Charges)
+	for i := range n {
+		now = max(now, at[i])
+	}
+	var levels [snapMax]float64
+	allowed := true
+	for i := range n {
+		c := &req.Charges[i]
+		levels[i] = c.Limit.Refill(tokens[i], time.Duration(now-at[i]))
+		if _, ok := c.Apply(req.Mode, levels[i]); !ok {
+			allowed = false
+		}
+	}
+	if allowed {
+		return bucket.Decision{}, false
+	}
+	return bucket.Decide(*req, levels[:n]), true
+}
+
+// noteDenial records that the shard denied a take of the buckets in
+// slots (at most snapMax, all stored), the first of which has hash h. The
+// same request denied twice in a row (as told by h and the number of
+// buckets) gets the snapshot, so that the calls that keep asking for what
+// it cannot pay are denied from it until it changes. The caller holds
+// sh.mu.
+func (sh *shard) noteDenial(h uint32, slots []int32) {
+	sig := h ^ uint32(len(slots))*0x9e3779b9
+	if sh.denied == sig {
+		sh.snap.set(sh.entries, slots)
+	}
+	sh.denied = sig
+}
+
 // decide decides req, valid and with room for its decision in req.Into,
 // and applies it if it is allowed. w has one element per charge.
 func (s *Store) decide(req *bucket.Request, w []chargeWork) bucket.Decision {
@@ -602,8 +696,29 @@ func (s *Store) decide(req *bucket.Request, w []chargeWork) bucket.Decision {
 	// from what was read under it, so that a hot subject's lock is held
 	// as briefly as possible.
 	now := s.instant()
+	var hashes [snapMax]uint32
+	if req.Mode == bucket.ModeTake && len(w) <= snapMax && sh.snap.valid.Load() {
+		for i := range w {
+			hashes[i] = w[i].hash
+		}
+		if d, ok := deniedFromSnapshot(sh, req, &hashes, now); ok {
+			return d
+		}
+	}
 	sh.mu.Lock()
 	allowed := s.take(sh, req, sh.advance(now), w)
+	if !allowed && len(w) <= snapMax {
+		// take looked every bucket up before it denied.
+		var slots [snapMax]int32
+		all := true
+		for i := range w {
+			slots[i] = w[i].slot
+			all = all && w[i].slot >= 0
+		}
+		if all {
+			sh.noteDenial(w[0].hash, slots[:len(w)])
+		}
+	}
 	sh.mu.Unlock()
 	if !allowed {
 		var levels [bucket.MaxCharges]float64

@@ -223,3 +223,152 @@ func TestSnapshotExactUnderConcurrency(t *testing.T) {
 		t.Fatalf("%d takes allowed, want %d: the capacity and every refund, once", got, want)
 	}
 }
+
+// TestSnapshotOfSeveralBuckets checks the snapshot of a request of several
+// charges: denied twice in a row, the same request is denied from it with
+// the decision the locked path makes (every bucket's state, not only the
+// one that cannot pay); a request of other buckets, or of the same buckets
+// in another order, takes the lock; and a write to any of its buckets,
+// including one that could pay, sends the request through the lock again.
+func TestSnapshotOfSeveralBuckets(t *testing.T) {
+	t.Parallel()
+	clock := &fakeClock{now: time.Unix(1000, 0)}
+	s := New(WithClock(clock.Now), WithSweepInterval(0))
+	ctx := context.Background()
+	const unlockedWithin, lockedFor = 10 * time.Second, 50 * time.Millisecond
+	const alice = "user:alice"
+	small := bucket.Limit{Capacity: 2, RefillPerSecond: 1}
+	large := bucket.Limit{Capacity: 100, RefillPerSecond: 1}
+	pair := func(names ...string) bucket.Request {
+		r := bucket.Request{Subject: alice}
+		for _, n := range names {
+			l := large
+			if n == "small" {
+				l = small
+			}
+			r.Charges = append(r.Charges, bucket.Charge{Bucket: n, Limit: l, Cost: 1})
+		}
+		return r
+	}
+	take := func(r bucket.Request) bucket.Decision {
+		t.Helper()
+		d, err := s.Take(ctx, r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return d
+	}
+	// Two takes empty "small" (and charge "large" twice); the next two are
+	// denied by "small", under the lock: the second takes the snapshot.
+	req := pair("large", "small")
+	for range 2 {
+		if d := take(req); !d.Allowed {
+			t.Fatalf("take: %+v, want allowed", d)
+		}
+	}
+	var locked bucket.Decision
+	for range 2 {
+		if locked = take(req); locked.Allowed {
+			t.Fatalf("take from an empty bucket: %+v, want denied", locked)
+		}
+	}
+	unlocked, d := takeWhileLocked(t, s, req, unlockedWithin)
+	if !unlocked {
+		t.Fatal("the request just denied twice waited for the lock")
+	}
+	if fmt.Sprint(d) != fmt.Sprint(locked) {
+		t.Fatalf("decided from the snapshot: %+v, want the locked path's %+v", d, locked)
+	}
+	// Other buckets, or the same in another order: the lock.
+	for _, r := range []bucket.Request{pair("small", "large"), pair("large"), pair("large", "small", "other")} {
+		if unlocked, _ := takeWhileLocked(t, s, r, lockedFor); unlocked {
+			t.Fatalf("request of %v was decided without the lock", r.Charges)
+		}
+	}
+	// Those went through the lock, and the take of "large" alone wrote it,
+	// which dropped the snapshot: deny req twice again to take it anew.
+	for range 2 {
+		if d := take(req); d.Allowed {
+			t.Fatalf("take from an empty bucket: %+v, want denied", d)
+		}
+	}
+	if unlocked, _ := takeWhileLocked(t, s, req, unlockedWithin); !unlocked {
+		t.Fatal("the request denied twice again waited for the lock")
+	}
+	// A take of "large" alone writes it: req takes the lock again.
+	if d := take(pair("large")); !d.Allowed {
+		t.Fatalf("take of large alone: %+v, want allowed", d)
+	}
+	if unlocked, d := takeWhileLocked(t, s, req, lockedFor); unlocked || d.Allowed {
+		t.Fatalf("request after a write to its first bucket: without the lock %v, %+v; want denied under the lock", unlocked, d)
+	}
+	// Snapshot again (that call was the first denial in a row), then an
+	// adjustment that puts "small", the second bucket, further in debt:
+	// req takes the lock again, and sees the debt.
+	if d := take(req); d.Allowed {
+		t.Fatalf("take from an empty bucket: %+v, want denied", d)
+	}
+	if unlocked, _ := takeWhileLocked(t, s, req, unlockedWithin); !unlocked {
+		t.Fatal("the request denied twice again waited for the lock")
+	}
+	debt := bucket.Request{Subject: alice, Mode: bucket.ModeAdjust, Charges: []bucket.Charge{{Bucket: "small", Limit: small, Cost: 0.5}}}
+	if d := take(debt); !d.Allowed {
+		t.Fatalf("adjustment: %+v", d)
+	}
+	if unlocked, d := takeWhileLocked(t, s, req, lockedFor); unlocked || d.Allowed || d.Buckets[1].Remaining != -0.5 {
+		t.Fatalf("request after a write to its second bucket: without the lock %v, %+v; want denied under the lock, with -0.5 left in small", unlocked, d)
+	}
+}
+
+// TestSnapshotOfSeveralBucketsExactUnderConcurrency is
+// TestSnapshotExactUnderConcurrency for a request of two buckets, refunds
+// going to the one that limits it.
+func TestSnapshotOfSeveralBucketsExactUnderConcurrency(t *testing.T) {
+	t.Parallel()
+	clock := &fakeClock{now: time.Unix(1000, 0)}
+	s := New(WithClock(clock.Now), WithSweepInterval(0))
+	ctx := context.Background()
+	limiting := bucket.Charge{Bucket: "limiting", Limit: bucket.Limit{Capacity: 1000, RefillPerSecond: 1}, Cost: 1}
+	wide := bucket.Charge{Bucket: "wide", Limit: bucket.Limit{Capacity: 1e9, RefillPerSecond: 1}, Cost: 1}
+	const (
+		callers = 8
+		refunds = 200
+	)
+	var allowed atomic.Int64
+	var refunding atomic.Bool
+	refunding.Store(true)
+	var wg sync.WaitGroup
+	for range callers {
+		wg.Go(func() {
+			for denials := 0; denials < 1000; {
+				over := !refunding.Load()
+				d, err := s.Take(ctx, bucket.Request{Subject: "user:hot", Charges: []bucket.Charge{wide, limiting}})
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				if d.Allowed {
+					allowed.Add(1)
+				} else if over {
+					denials++
+				}
+			}
+		})
+	}
+	for allowed.Load() < int64(limiting.Limit.Capacity) {
+		time.Sleep(time.Millisecond)
+	}
+	refund := limiting
+	refund.Cost = -1
+	for range refunds {
+		if _, err := s.Take(ctx, bucket.Request{Subject: "user:hot", Mode: bucket.ModeAdjust, Charges: []bucket.Charge{refund}}); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(50 * time.Microsecond)
+	}
+	refunding.Store(false)
+	wg.Wait()
+	if got, want := allowed.Load(), int64(limiting.Limit.Capacity)+refunds; got != want {
+		t.Fatalf("%d requests allowed, want %d: the capacity and every refund, once", got, want)
+	}
+}
