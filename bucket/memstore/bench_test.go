@@ -86,6 +86,56 @@ func BenchmarkTakeAlloc(b *testing.B) {
 	}
 }
 
+// BenchmarkTakeDenied measures a hot caller that keeps asking for what
+// its buckets cannot pay: one subject whose bucket of 100 tokens is empty
+// (it refills one token in a thousand seconds, so every call of the run
+// is denied), alone or with a second bucket that could pay (as the
+// limiter charges a procedure's bucket with a shared budget), at 1, 16,
+// 128 and 512 goroutines. Calls are denied from the shard's snapshot
+// after the first two.
+func BenchmarkTakeDenied(b *testing.B) {
+	empty := bucket.Charge{Bucket: "search", Limit: bucket.Limit{Capacity: 100, RefillPerSecond: 1e-3}, Cost: 1}
+	budget := bucket.Charge{Bucket: "budget", Limit: benchLimit, Cost: 1}
+	for _, bc := range []struct {
+		name    string
+		charges []bucket.Charge
+	}{
+		{"1bucket", []bucket.Charge{empty}},
+		{"2buckets", []bucket.Charge{budget, empty}},
+	} {
+		for _, g := range []int{1, 16, 128, 512} {
+			b.Run(fmt.Sprintf("%s/goroutines=%d", bc.name, g), func(b *testing.B) {
+				s := memstore.New()
+				b.Cleanup(func() { _ = s.Close() })
+				ctx := context.Background()
+				for range 100 {
+					if _, err := s.Take(ctx, bucket.Request{Subject: "hot", Charges: bc.charges}); err != nil {
+						b.Fatal(err)
+					}
+				}
+				body := func(more func() bool) {
+					into := make([]bucket.BucketState, len(bc.charges))
+					for more() {
+						d, err := s.Take(ctx, bucket.Request{Subject: "hot", Charges: bc.charges, Into: into})
+						if err != nil || d.Allowed {
+							b.Fatalf("Take: %+v, %v; want denied", d, err)
+						}
+					}
+				}
+				b.ReportAllocs()
+				if g == 1 {
+					body(b.Loop)
+				} else {
+					procs := runtime.GOMAXPROCS(0)
+					b.SetParallelism((g + procs - 1) / procs)
+					b.RunParallel(func(pb *testing.PB) { body(pb.Next) })
+				}
+				b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "decisions/s")
+			})
+		}
+	}
+}
+
 // benchTake runs Take with charges on subjects from g goroutines: one
 // plain loop for g = 1, else b.RunParallel with enough parallelism for at
 // least g goroutines.
